@@ -1,0 +1,27 @@
+# Two commands a user needs: `make demo` (the main job on its embedded default) and `make test`.
+# Both create .venv with Python 3.12 on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# python3.12 from PATH, else from pyenv's versions directory.
+PYTHON312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (put python3.12 on PATH or set PYTHON312=/path/to/python3.12)" >&2; exit 1; fi
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m sparsek_jax.demo --out runs/demo
+
+test: venv
+	$(PY) -m pytest -n 2 -m "not gpu and not tpu" tests
+
+clean:
+	rm -rf $(VENV) runs

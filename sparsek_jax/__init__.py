@@ -1,0 +1,24 @@
+"""SparseK-JAX: learned, differentiable top-k sparse attention for long-context language models.
+
+The functional core (no Flax): the SPARSEK operator, prefix thresholds, the dense pattern and
+``sparsek_attention``. ``import sparsek_jax as sk``.
+"""
+
+from sparsek_jax.attention import sparsek_attention
+from sparsek_jax.operator import sparsek, sparsek_threshold
+from sparsek_jax.pattern import AttentionPattern, attention_pattern
+from sparsek_jax.thresholds import ThresholdInfo, default_buffer_size, is_selected, prefix_thresholds
+
+__all__ = [
+    "AttentionPattern",
+    "ThresholdInfo",
+    "attention_pattern",
+    "default_buffer_size",
+    "is_selected",
+    "prefix_thresholds",
+    "sparsek",
+    "sparsek_attention",
+    "sparsek_threshold",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""SparseK attention: one softmax over each query's sliding window and its top-k gated candidates.
+
+``sparsek_attention`` is the public entry point; ``implementation=`` picks the path, in the manner of
+``jax.nn.dot_product_attention``. The ``"reference"`` path below builds the dense pattern (O(seq^2)) and is
+the oracle every other path is tested against.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sparsek_jax import validation
+from sparsek_jax.pattern import attention_pattern
+
+__all__ = ["sparsek_attention"]
+
+
+def _reference_attention(q, k, v, scores, *, topk, window, gate, segment_ids, scale):
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    pattern = attention_pattern(scores, topk=topk, window=window, segment_ids=segment_ids)
+    allowed = (pattern.window | pattern.selected)[:, :, None]  # [batch, kv_heads, 1, seq_q, seq_k]
+    gates = pattern.gates[:, :, None]
+    if gate == "none":
+        gates = jax.lax.stop_gradient(gates)
+
+    qg = q.astype(jnp.float32).reshape(batch, seq, kv_heads, group, head_dim)
+    logits = jnp.einsum("bihgd,bjhd->bhgij", qg, k.astype(jnp.float32)) * scale
+    if gate == "logit":
+        # Selected gates are > 0 (the top-k lie inside the SPARSEK support); the floor only guards log(0).
+        logits = logits + jnp.log(jnp.maximum(gates, jnp.finfo(jnp.float32).tiny))
+    logits = jnp.where(allowed, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
+    denominator = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denominator > 0, denominator, 1.0)  # a query with no keys outputs 0
+    if gate == "value":
+        probs = probs * gates
+    out = jnp.einsum("bhgij,bjhd->bihgd", probs, v.astype(jnp.float32))
+    return out.reshape(batch, seq, q_heads, head_dim).astype(q.dtype)
+
+
+def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *, topk: int,
+                      window: int, gate: str = "value", segment_ids: jax.Array | None = None,
+                      scale: float | None = None, implementation: str = "reference") -> jax.Array:
+    """Causal SparseK attention with a sliding window.
+
+    Query ``i`` attends with one softmax to its window ``W_i = {j : i - window < j <= i}`` (gate 1) and to
+    ``S_i``, the ``topk`` highest-scoring keys among the older candidates ``C_i = {j : j <= i - window}``
+    (ties: newer key first), each gated by ``m_ij = clip(u_j - tau_i, 0, 1)`` with ``tau_i`` the SPARSEK
+    threshold of ``u[C_i]``. Keys, scores and selections are per KV head and shared by its query heads.
+
+    Args:
+      q: ``[batch, seq, q_heads, head_dim]``.
+      k: ``[batch, seq, kv_heads, head_dim]``; ``q_heads`` must be a multiple of ``kv_heads``.
+      v: ``[batch, seq, kv_heads, head_dim]``.
+      scores: ``[batch, seq, kv_heads]`` key importance scores ``u`` (float32 inside).
+      topk: ``k >= 0`` selected keys per query beyond the window (0: plain sliding window).
+      window: ``w >= 0`` sliding-window length (0: pure SparseK).
+      gate: ``"value"`` (weights ``softmax * m``, the default), ``"logit"`` (``log m`` added to the logits)
+        or ``"none"`` (hard top-k; the scores then get no gradient).
+      segment_ids: optional int ``[batch, seq]``; no attention and no selection across documents. Segments
+        must be contiguous runs (as produced by packing).
+      scale: logit scale, default ``1 / sqrt(head_dim)``.
+      implementation: ``"reference"`` (dense O(seq^2), the test oracle).
+
+    Returns:
+      ``[batch, seq, q_heads, head_dim]`` in ``q``'s dtype. A query with no key at all (``window = 0`` and
+      ``topk = 0``) outputs zeros.
+    """
+    validation.check_attention_inputs(q, k, v, scores, segment_ids)
+    topk = validation.check_nonnegative_int("topk", topk)
+    window = validation.check_nonnegative_int("window", window)
+    validation.check_choice("gate", gate, validation.GATES)
+    validation.check_choice("implementation", implementation, validation.IMPLEMENTATIONS)
+    if scale is None:
+        scale = 1.0 / float(q.shape[-1]) ** 0.5
+    if implementation != "reference":
+        raise NotImplementedError(f"implementation={implementation!r} is not built yet; use 'reference'")
+    return _reference_attention(q, k, v, scores, topk=topk, window=window, gate=gate,
+                                segment_ids=segment_ids, scale=scale)

@@ -1,0 +1,182 @@
+"""The SPARSEK operator: the Euclidean projection onto the capped simplex.
+
+``SPARSEK(z, k) = argmin_p ||p - z||^2  s.t.  0 <= p <= 1, sum(p) = k``, whose solution is
+``p = clip(z - tau, 0, 1)`` with the threshold ``tau`` solving ``sum(clip(z - tau, 0, 1)) = k``.
+
+How ``tau`` is found (see docs/operator.md): ``f(t) = sum_j clip(z_j - t, 0, 1)`` is continuous,
+piecewise linear and non-increasing, with breakpoints at ``z_j`` and ``z_j - 1``. On a sorted vector,
+prefix sums and binary searches give ``f`` at all 2m breakpoints in O(m log m); ``tau`` lies on the
+linear piece that starts at the largest breakpoint ``b`` with ``f(b) > k``. This yields the *smallest*
+valid ``tau`` when the solution is not unique (a gap of at least one below the k-th largest score), which
+keeps thresholds non-decreasing along growing prefixes.
+
+The same routine (``threshold_of_sorted``) serves the dense operator here and the blocked prefix
+thresholds in ``thresholds.py``, so both agree by construction on identical inputs.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["sparsek", "sparsek_threshold", "threshold_of_sorted"]
+
+
+def threshold_of_sorted(z_desc: jax.Array, k) -> jax.Array:
+    """Threshold of one vector already sorted in descending order.
+
+    Args:
+      z_desc: float32 ``[m]``, descending; invalid entries are ``-inf`` and come last.
+      k: the budget, a positive scalar (may be traced).
+
+    Returns:
+      float32 scalar ``tau``; ``-inf`` when there are at most ``k`` valid entries (then every valid
+      entry gets ``p = 1``).
+    """
+    valid = z_desc > -jnp.inf
+    num_valid = jnp.sum(valid)
+    k = jnp.asarray(k, jnp.float32)
+    # Shift by the maximum so that prefix sums stay small: tau is shift-equivariant.
+    top = jnp.where(valid[0], z_desc[0], 0.0)
+    z = jnp.where(valid, z_desc - top, 0.0)
+    prefix = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(z)])  # prefix[c] = sum of top c
+    # Membership of U = {z - 1 > t} is decided on the very floats the breakpoints were made of:
+    # testing z > t + 1 instead misplaces the key whose z - 1 *is* the breakpoint (rounding).
+    minus_one = z - 1.0
+    ascending = jnp.where(valid, -z, jnp.inf)  # searchsorted keys; invalid entries sort last
+    ascending_minus_one = jnp.where(valid, -minus_one, jnp.inf)
+
+    def count_above(x):  # #{valid z_j > x}
+        return jnp.searchsorted(ascending, -x, side="left")
+
+    def count_upper(x):  # #{valid z_j - 1 > x}
+        return jnp.searchsorted(ascending_minus_one, -x, side="left")
+
+    lowest = jnp.min(jnp.where(valid, minus_one, 0.0)) - 1.0
+    breakpoint_valid = jnp.concatenate([valid, valid])
+    breakpoints = jnp.where(breakpoint_valid, jnp.concatenate([z, minus_one]), lowest)
+    above = count_above(breakpoints)
+    upper = count_upper(breakpoints)
+    f = upper + (prefix[above] - prefix[upper]) - (above - upper) * breakpoints
+    start = jnp.max(jnp.where(breakpoint_valid & (f > k), breakpoints, lowest))
+    # On (start, next breakpoint]: U = {z - 1 > start} has p = 1, M = {z > start} \ U is fractional.
+    num_upper = count_upper(start)
+    num_mid = count_above(start) - num_upper
+    has_solution = num_valid > k
+    safe_mid = jnp.where(has_solution, num_mid, 1)
+    tau = (prefix[num_upper + num_mid] - prefix[num_upper] + num_upper - k) / safe_mid
+    # The prefix sums cancel badly when the scores are large; one correction step sums the fractional
+    # part directly around the first estimate, where every term is at most 1 in size.
+    index = jnp.arange(z.shape[0])
+    fractional = (index >= num_upper) & (index < num_upper + num_mid)
+    tau = tau + (jnp.sum(jnp.where(fractional, z - tau, 0.0)) + num_upper - k) / safe_mid
+    return jnp.where(has_solution, tau + top, -jnp.inf)
+
+
+def _masked(z, mask):
+    z = jnp.asarray(z)
+    z32 = z.astype(jnp.float32)
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.asarray(mask, bool), z.shape)
+        z32 = jnp.where(mask, z32, -jnp.inf)
+    return z32
+
+
+def _check_budget(k):
+    if isinstance(k, bool) or (isinstance(k, numbers.Number) and not isinstance(k, numbers.Real)):
+        raise ValueError(f"k: expected a positive int or float, received {k!r}")
+    if isinstance(k, numbers.Real) and not k > 0:
+        raise ValueError(f"k: expected a positive int or float, received {k!r}")
+
+
+def _check_operand(z, mask):
+    z = jnp.asarray(z)
+    if z.ndim < 1:
+        raise ValueError(f"z: expected an array with at least one axis, received shape {z.shape}")
+    if not jnp.issubdtype(z.dtype, jnp.floating):
+        raise ValueError(f"z: expected a floating-point array, received dtype {z.dtype}")
+    if mask is not None:
+        mask_shape = jnp.shape(mask)
+        try:
+            jnp.broadcast_shapes(mask_shape, z.shape)
+        except ValueError:
+            raise ValueError(f"mask: expected a bool array broadcastable to z's shape {z.shape}, "
+                             f"received shape {mask_shape}") from None
+
+
+@jax.jit
+def _rowwise_threshold(z32, k):
+    """Threshold along the last axis of float32 ``z32`` (``-inf`` marks invalid entries)."""
+    lead = z32.shape[:-1]
+    rows = z32.reshape(-1, z32.shape[-1])
+    k_rows = jnp.broadcast_to(jnp.asarray(k, jnp.float32), lead).reshape(-1)
+    z_desc = -jnp.sort(-rows, axis=-1)
+    return jax.vmap(threshold_of_sorted)(z_desc, k_rows).reshape(lead)
+
+
+def sparsek_threshold(z: jax.Array, k, *, mask: jax.Array | None = None) -> jax.Array:
+    """The SPARSEK threshold ``tau`` along the last axis.
+
+    Args:
+      z: scores ``[..., m]``, any float dtype (computed in float32).
+      k: budget, a positive int or float, or an array broadcastable to ``z.shape[:-1]``.
+      mask: optional bool ``[..., m]`` (broadcastable to ``z``); ``False`` entries do not take part.
+
+    Returns:
+      float32 ``[...]``: the smallest ``tau`` with ``sum(clip(z - tau, 0, 1)) = k`` over valid entries;
+      ``-inf`` where there are at most ``k`` valid entries.
+    """
+    _check_budget(k)
+    _check_operand(z, mask)
+    return _rowwise_threshold(_masked(z, mask), k)
+
+
+@jax.custom_vjp
+def _sparsek(z32, k):
+    tau = _rowwise_threshold(z32, k)
+    return jnp.where(z32 > -jnp.inf, jnp.clip(z32 - tau[..., None], 0.0, 1.0), 0.0)
+
+
+def _sparsek_fwd(z32, k):
+    p = _sparsek(z32, k)
+    return p, p
+
+
+def _sparsek_bwd(residuals, g):
+    p = residuals
+    # Only the fractional entries M = {0 < p < 1} move with z; tau moves by mean_M(dz) (SPEC §1).
+    fractional = (p > 0.0) & (p < 1.0)
+    count = jnp.sum(fractional, axis=-1, keepdims=True)
+    mean = jnp.sum(jnp.where(fractional, g, 0.0), axis=-1, keepdims=True) / jnp.maximum(count, 1)
+    dz = jnp.where(fractional, g - mean, 0.0)
+    # d tau / d k = -1 / |M|, so dp_j / dk = 1 / |M| on M.
+    dk = jnp.where(count[..., 0] > 0, mean[..., 0], 0.0)
+    return dz, dk
+
+
+_sparsek.defvjp(_sparsek_fwd, _sparsek_bwd)
+
+
+def sparsek(z: jax.Array, k, *, mask: jax.Array | None = None) -> jax.Array:
+    """SPARSEK(z, k): projection of ``z`` onto ``{p : 0 <= p <= 1, sum(p) = k}`` along the last axis.
+
+    ``k = 1`` gives sparsemax. Where there are at most ``k`` valid entries, every valid entry gets 1.
+
+    Args:
+      z: scores ``[..., m]``, any float dtype (computed in float32).
+      k: budget, a positive int or float, or an array broadcastable to ``z.shape[:-1]``.
+      mask: optional bool ``[..., m]``; invalid entries get ``p = 0`` and do not count.
+
+    Returns:
+      ``p`` with ``z``'s shape and dtype. Differentiable with a custom VJP:
+      ``dz_j = [j in M] (g_j - mean_{l in M} g_l)`` with ``M = {0 < p < 1}``.
+    """
+    _check_budget(k)
+    _check_operand(z, mask)
+    z = jnp.asarray(z)
+    # k has one value per row inside, so its cotangent is per row and broadcasting sums it back.
+    k_rows = jnp.broadcast_to(jnp.asarray(k, jnp.float32), z.shape[:-1])
+    p = _sparsek(_masked(z, mask), k_rows)
+    return p.astype(z.dtype)

@@ -1,0 +1,76 @@
+"""The dense SparseK attention pattern: which keys each query attends to, and with which gate.
+
+O(seq^2) in memory and time. It is the definition every fast path is tested against and the source of the
+plots in the docs; it shares no code with the blocked thresholds (``thresholds.py``) beyond the operator.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sparsek_jax import validation
+from sparsek_jax.operator import sparsek
+from sparsek_jax.thresholds import is_selected
+
+__all__ = ["AttentionPattern", "attention_pattern"]
+
+
+class AttentionPattern(NamedTuple):
+    """Dense pattern, every field ``[batch, kv_heads, seq_q, seq_k]``.
+
+    window: bool, key in the query's sliding window (``i - window < j <= i``, same document).
+    selected: bool, key among the query's top-``topk`` candidates (``j <= i - window``, same document).
+    gates: float32, 1 on the window, ``clip(u_j - tau_i, 0, 1)`` on selected keys, 0 elsewhere.
+      Differentiable with respect to the scores through the SPARSEK VJP.
+    """
+
+    window: jax.Array
+    selected: jax.Array
+    gates: jax.Array
+
+
+def attention_pattern(scores: jax.Array, *, topk: int, window: int,
+                      segment_ids: jax.Array | None = None) -> AttentionPattern:
+    """Dense SparseK pattern of ``scores`` ``[batch, seq, kv_heads]`` (see ``AttentionPattern``).
+
+    Meant for small ``seq`` (tests, plots, the reference implementation).
+    """
+    validation.check_rank("scores", scores, 3, "[batch, seq, kv_heads]")
+    validation.check_float("scores", scores)
+    topk = validation.check_nonnegative_int("topk", topk)
+    window = validation.check_nonnegative_int("window", window)
+    batch, seq, kv_heads = scores.shape
+    validation.check_segment_ids(segment_ids, batch, seq)
+
+    u = jnp.moveaxis(jnp.asarray(scores, jnp.float32), 2, 1)[:, :, None, :]  # [batch, kv_heads, 1, seq_k]
+    i = jnp.arange(seq)[:, None]
+    j = jnp.arange(seq)[None, :]
+    same_doc = jnp.ones((batch, 1, seq, seq), bool)
+    if segment_ids is not None:
+        same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    in_window = same_doc & (j <= i) & (j > i - window)
+    candidate = same_doc & (j <= i - window)
+    candidate = jnp.broadcast_to(candidate, (batch, kv_heads, seq, seq))
+    in_window = jnp.broadcast_to(in_window, (batch, kv_heads, seq, seq))
+    u_rows = jnp.broadcast_to(u, candidate.shape)
+    if topk == 0:
+        selected = jnp.zeros_like(candidate)
+        gates = jnp.zeros(candidate.shape, jnp.float32)
+    else:
+        # Rank candidates by (score, position), newest first among ties; the topk-th is (theta, theta_pos).
+        positions = jnp.broadcast_to(j, candidate.shape).astype(jnp.int32)
+        neg_scores, neg_pos = lax.sort((jnp.where(candidate, -u_rows, jnp.inf),
+                                        jnp.where(candidate, -positions, 1)), dimension=-1, num_keys=2)
+        count = jnp.sum(candidate, axis=-1)
+        kth = min(topk, seq) - 1
+        has_cut = count > topk
+        theta = jnp.where(has_cut, -neg_scores[..., kth], -jnp.inf)[..., None]
+        theta_pos = jnp.where(has_cut, -neg_pos[..., kth], -1)[..., None]
+        selected = candidate & is_selected(lax.stop_gradient(u_rows), positions, theta, theta_pos)
+        gates = jnp.where(selected, sparsek(u_rows, topk, mask=candidate), 0.0)
+    gates = jnp.where(in_window, 1.0, gates)
+    return AttentionPattern(in_window, selected, gates)

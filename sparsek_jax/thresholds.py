@@ -1,0 +1,177 @@
+"""Per-query SparseK thresholds over growing candidate prefixes, in O(n (R + B) log(R + B)).
+
+Query ``i`` chooses among the candidate keys ``C_i = {j <= i - window}`` of its own document. ``C_i`` is a
+prefix of the key sequence, so everything is computed once per *key position* ``t`` over ``P_t = {j <= t}``
+and shifted by the window: query ``i`` reads the statistics of ``t = i - window``.
+
+Structure used (SPEC §1, points 2 and 4):
+- ``theta_t``, the k-th largest score of ``P_t``, never decreases as ``t`` grows; a key that leaves the top-k
+  never returns. So a buffer holding the top ``R >= k`` keys of the prefix seen so far is all the past a
+  position needs for ``theta`` (exact whenever ``R >= k``).
+- ``tau_t`` only depends on keys with score above ``tau_t``. The buffer is exact for ``tau_t`` when the
+  largest score ever dropped from it is ``<= tau_t``: then every dropped key has gate 0. We carry that
+  largest dropped score and report, per query, whether the condition held (``ThresholdInfo.exact``).
+
+The sequence is processed in blocks of ``B`` keys under ``lax.scan``: each position of a block sees the
+buffer plus the block's keys up to itself (a ``[B, R + B]`` candidate matrix), sorts its row and reads
+``tau``/``theta`` off the sorted row with the operator's own ``threshold_of_sorted``; the last row, cut to
+``R``, is the next buffer. Memory is ``O(B (R + B))`` per row of scores, time ``O(n (R + B) log(R + B))``.
+
+Ties: keys are ordered by ``(score, position)``: among equal scores the newer key ranks higher. So the
+selection ``j in S_i  <=>  (u_j, j) >= (theta_i, theta_pos_i)`` picks exactly ``min(topk, |C_i|)`` keys.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sparsek_jax import validation
+from sparsek_jax.operator import threshold_of_sorted
+
+__all__ = ["ThresholdInfo", "prefix_thresholds", "default_buffer_size", "is_selected"]
+
+
+class ThresholdInfo(NamedTuple):
+    """Extra per-query outputs of ``prefix_thresholds``; every field is ``[batch, seq, kv_heads]``.
+
+    theta_pos: int32 position of the k-th ranked candidate: with ``theta`` it fixes the tie rule
+      (``-1`` when every candidate is selected, ``seq`` when none is, i.e. ``topk = 0``).
+    num_fractional: int32 ``|M_i|``, the number of candidates with ``0 < clip(u_j - tau_i, 0, 1) < 1``
+      (inside the buffer). The backward pass of the gates divides by it.
+    exact: bool, whether the bounded buffer provably gave the exact ``tau_i`` (the largest score dropped
+      from the buffer is ``<= tau_i``). ``theta`` and the selection are always exact.
+    """
+
+    theta_pos: jax.Array
+    num_fractional: jax.Array
+    exact: jax.Array
+
+
+def default_buffer_size(topk: int, seq: int) -> int:
+    """Buffer size ``R`` used when none is given: room for ``topk`` plus a margin of fractional keys."""
+    return max(1, min(max(2 * topk, topk + 128), seq))
+
+
+def is_selected(scores_j, pos_j, theta_i, theta_pos_i):
+    """``(u_j, j) >= (theta_i, theta_pos_i)``: the selection rule with newer-wins ties (broadcasting)."""
+    return (scores_j > theta_i) | ((scores_j == theta_i) & (pos_j >= theta_pos_i))
+
+
+def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_size: int):
+    """Statistics of every key prefix of one row. scores float32 [n], segments int32 [n]."""
+    n = scores.shape[0]
+    num_blocks = -(-n // block_size)
+    pad = num_blocks * block_size - n
+    positions = jnp.arange(n + pad, dtype=jnp.int32)
+    valid = positions < n
+    scores = jnp.pad(scores, (0, pad))
+    segments = jnp.pad(segments, (0, pad), constant_values=-1)
+    blocks = tuple(x.reshape(num_blocks, block_size) for x in (scores, positions, segments, valid))
+    lower = jnp.arange(block_size)[None, :] <= jnp.arange(block_size)[:, None]
+
+    def step(carry, block):
+        buffer_scores, buffer_pos, buffer_segment, dropped = carry
+        block_scores, block_pos, block_segments, block_valid = block
+        same_doc_buffer = buffer_segment == block_segments  # [B]
+        from_buffer = same_doc_buffer[:, None] & (buffer_pos >= 0)[None, :]
+        from_block = lower & (block_segments[None, :] == block_segments[:, None]) & block_valid[None, :]
+        cand_scores = jnp.concatenate([
+            jnp.where(from_buffer, buffer_scores[None, :], -jnp.inf),
+            jnp.where(from_block, block_scores[None, :], -jnp.inf)], axis=1)
+        cand_pos = jnp.concatenate([
+            jnp.where(from_buffer, buffer_pos[None, :], -1),
+            jnp.where(from_block, block_pos[None, :], -1)], axis=1)
+        # Descending by (score, position): ascending sort of the negated pair.
+        neg_scores, neg_pos = lax.sort((-cand_scores, -cand_pos), dimension=1, num_keys=2)
+        sorted_scores, sorted_pos = -neg_scores, -neg_pos
+        count = jnp.sum(sorted_scores > -jnp.inf, axis=1)
+        tau = jax.vmap(threshold_of_sorted, in_axes=(0, None))(sorted_scores, topk)
+        has_cut = count > topk
+        kth = min(topk, buffer_size + block_size) - 1  # beyond the row there is never a cut
+        theta = jnp.where(has_cut, sorted_scores[:, kth], -jnp.inf)
+        theta_pos = jnp.where(has_cut, sorted_pos[:, kth], -1)
+        gap = sorted_scores - tau[:, None]
+        num_fractional = jnp.sum((gap > 0.0) & (gap < 1.0), axis=1)
+        left_out = jnp.where(same_doc_buffer, dropped, -jnp.inf)
+        exact = left_out <= tau
+        new_carry = (sorted_scores[-1, :buffer_size], sorted_pos[-1, :buffer_size], block_segments[-1],
+                     jnp.maximum(left_out[-1], sorted_scores[-1, buffer_size]))
+        return new_carry, (tau, theta, theta_pos, num_fractional, exact)
+
+    init = (jnp.full((buffer_size,), -jnp.inf, jnp.float32), jnp.full((buffer_size,), -1, jnp.int32),
+            jnp.int32(-2), jnp.float32(-jnp.inf))
+    _, stats = lax.scan(step, init, blocks)
+    return tuple(x.reshape(-1)[:n] for x in stats)
+
+
+def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids: jax.Array | None = None,
+                      buffer_size: int | None = None, block_size: int = 128, return_info: bool = False):
+    """SparseK thresholds ``tau_i`` and ``theta_i`` of every query over its candidate keys.
+
+    Query ``i``'s candidates are ``C_i = {j : j <= i - window}`` (same segment when ``segment_ids`` is
+    given; segments must be contiguous runs, as packing produces).
+
+    Args:
+      scores: ``[batch, seq, kv_heads]`` key scores ``u`` (any float dtype; float32 inside; finite).
+      topk: budget ``k >= 0`` (Python int).
+      window: sliding-window length ``w >= 0``; the window's keys are not candidates.
+      segment_ids: optional int ``[batch, seq]`` document ids.
+      buffer_size: ``R >= topk``, the bounded buffer of top scores (default ``default_buffer_size``).
+      block_size: keys per scan step ``B``.
+      return_info: also return a ``ThresholdInfo``.
+
+    Returns:
+      ``(tau, theta)``, float32 ``[batch, seq, kv_heads]`` each, or ``(tau, theta, info)``.
+      ``tau_i`` is the SPARSEK threshold of ``u[C_i]`` with budget ``topk`` (gates are
+      ``clip(u_j - tau_i, 0, 1)``); ``theta_i`` the ``topk``-th largest score of ``C_i``. Both are ``-inf``
+      when ``|C_i| <= topk`` (every candidate is selected with gate 1) and ``+inf`` when ``topk = 0``.
+      Both are non-decreasing along ``seq`` within a document.
+    """
+    validation.check_rank("scores", scores, 3, "[batch, seq, kv_heads]")
+    validation.check_float("scores", scores)
+    topk = validation.check_nonnegative_int("topk", topk)
+    window = validation.check_nonnegative_int("window", window)
+    batch, seq, kv_heads = scores.shape
+    validation.check_segment_ids(segment_ids, batch, seq)
+    block_size = validation.check_nonnegative_int("block_size", block_size)
+    if block_size < 1:
+        raise ValueError(f"block_size: expected a positive int, received {block_size}")
+    if buffer_size is None:
+        buffer_size = default_buffer_size(topk, seq)
+    buffer_size = validation.check_nonnegative_int("buffer_size", buffer_size)
+    if buffer_size < max(topk, 1) and topk < seq:
+        raise ValueError(f"buffer_size: expected at least topk={topk}, received {buffer_size}")
+
+    shape = (batch, seq, kv_heads)
+    if topk == 0 or seq == 0:
+        tau = jnp.full(shape, jnp.inf, jnp.float32)
+        info = ThresholdInfo(jnp.full(shape, seq, jnp.int32), jnp.zeros(shape, jnp.int32),
+                             jnp.ones(shape, bool))
+        return (tau, tau, info) if return_info else (tau, tau)
+
+    segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
+                else jnp.asarray(segment_ids, jnp.int32))
+    rows = jnp.moveaxis(jnp.asarray(scores, jnp.float32), 2, 1)  # [batch, kv_heads, seq]
+    row_fn = lambda u, s: _prefix_stats_row(u, s, topk=topk, buffer_size=buffer_size,
+                                           block_size=block_size)
+    stats = jax.vmap(jax.vmap(row_fn, in_axes=(0, None)), in_axes=(0, 0))(rows, segments)
+
+    # Query i reads key prefix t = i - window, if that key exists and is in i's document.
+    source = jnp.arange(seq) - window
+    has_candidates = (source >= 0)[None, :] & (
+        jnp.take(segments, jnp.maximum(source, 0), axis=1) == segments)  # [batch, seq]
+    empty_values = (-jnp.inf, -jnp.inf, -1, 0, True)
+
+    def per_query(stat, empty):
+        shifted = jnp.take(stat, jnp.maximum(source, 0), axis=2)  # [batch, kv_heads, seq]
+        shifted = jnp.where(has_candidates[:, None, :], shifted, jnp.asarray(empty, shifted.dtype))
+        return jnp.moveaxis(shifted, 1, 2)
+
+    tau, theta, theta_pos, num_fractional, exact = (per_query(s, e) for s, e in zip(stats, empty_values))
+    if return_info:
+        return tau, theta, ThresholdInfo(theta_pos, num_fractional, exact)
+    return tau, theta
