@@ -7,6 +7,8 @@ the oracle every other path is tested against.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -16,7 +18,8 @@ from sparsek_jax.pattern import attention_pattern
 __all__ = ["sparsek_attention"]
 
 
-def _reference_attention(q, k, v, scores, *, topk, window, gate, segment_ids, scale):
+@functools.partial(jax.jit, static_argnames=("topk", "window", "gate", "scale"))
+def _reference_attention(q, k, v, scores, segment_ids, *, topk, window, gate, scale):
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -80,5 +83,5 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
         scale = 1.0 / float(q.shape[-1]) ** 0.5
     if implementation != "reference":
         raise NotImplementedError(f"implementation={implementation!r} is not built yet; use 'reference'")
-    return _reference_attention(q, k, v, scores, topk=topk, window=window, gate=gate,
-                                segment_ids=segment_ids, scale=scale)
+    return _reference_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
+                                scale=float(scale))

@@ -68,11 +68,14 @@ def threshold_of_sorted(z_desc: jax.Array, k) -> jax.Array:
     safe_mid = jnp.where(has_solution, num_mid, 1)
     tau = (prefix[num_upper + num_mid] - prefix[num_upper] + num_upper - k) / safe_mid
     # The prefix sums cancel badly when the scores are large; one correction step sums the fractional
-    # part directly around the first estimate, where every term is at most 1 in size.
+    # part directly around the first estimate, where every term is at most 1 in size. It runs on the
+    # unshifted scores, integer part first, so that a tau equal to a score comes out exactly.
+    tau = tau + top
     index = jnp.arange(z.shape[0])
     fractional = (index >= num_upper) & (index < num_upper + num_mid)
-    tau = tau + (jnp.sum(jnp.where(fractional, z - tau, 0.0)) + num_upper - k) / safe_mid
-    return jnp.where(has_solution, tau + top, -jnp.inf)
+    residual = (num_upper - k) + jnp.sum(jnp.where(fractional, z_desc - tau, 0.0))
+    tau = tau + residual / safe_mid
+    return jnp.where(has_solution, tau, -jnp.inf)
 
 
 def _masked(z, mask):

@@ -23,6 +23,7 @@ selection ``j in S_i  <=>  (u_j, j) >= (theta_i, theta_pos_i)`` picks exactly ``
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -108,6 +109,28 @@ def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_si
     return tuple(x.reshape(-1)[:n] for x in stats)
 
 
+@functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size"))
+def _prefix_thresholds(scores, segments, *, topk, window, buffer_size, block_size):
+    seq = scores.shape[1]
+    rows = jnp.moveaxis(scores, 2, 1)  # [batch, kv_heads, seq]
+    row_fn = lambda u, s: _prefix_stats_row(u, s, topk=topk, buffer_size=buffer_size,
+                                           block_size=block_size)
+    stats = jax.vmap(jax.vmap(row_fn, in_axes=(0, None)), in_axes=(0, 0))(rows, segments)
+
+    # Query i reads key prefix t = i - window, if that key exists and is in i's document.
+    source = jnp.arange(seq) - window
+    has_candidates = (source >= 0)[None, :] & (
+        jnp.take(segments, jnp.maximum(source, 0), axis=1) == segments)  # [batch, seq]
+    empty_values = (-jnp.inf, -jnp.inf, -1, 0, True)
+
+    def per_query(stat, empty):
+        shifted = jnp.take(stat, jnp.maximum(source, 0), axis=2)  # [batch, kv_heads, seq]
+        shifted = jnp.where(has_candidates[:, None, :], shifted, jnp.asarray(empty, shifted.dtype))
+        return jnp.moveaxis(shifted, 1, 2)
+
+    return tuple(per_query(s, e) for s, e in zip(stats, empty_values))
+
+
 def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids: jax.Array | None = None,
                       buffer_size: int | None = None, block_size: int = 128, return_info: bool = False):
     """SparseK thresholds ``tau_i`` and ``theta_i`` of every query over its candidate keys.
@@ -155,23 +178,9 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
 
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
-    rows = jnp.moveaxis(jnp.asarray(scores, jnp.float32), 2, 1)  # [batch, kv_heads, seq]
-    row_fn = lambda u, s: _prefix_stats_row(u, s, topk=topk, buffer_size=buffer_size,
-                                           block_size=block_size)
-    stats = jax.vmap(jax.vmap(row_fn, in_axes=(0, None)), in_axes=(0, 0))(rows, segments)
-
-    # Query i reads key prefix t = i - window, if that key exists and is in i's document.
-    source = jnp.arange(seq) - window
-    has_candidates = (source >= 0)[None, :] & (
-        jnp.take(segments, jnp.maximum(source, 0), axis=1) == segments)  # [batch, seq]
-    empty_values = (-jnp.inf, -jnp.inf, -1, 0, True)
-
-    def per_query(stat, empty):
-        shifted = jnp.take(stat, jnp.maximum(source, 0), axis=2)  # [batch, kv_heads, seq]
-        shifted = jnp.where(has_candidates[:, None, :], shifted, jnp.asarray(empty, shifted.dtype))
-        return jnp.moveaxis(shifted, 1, 2)
-
-    tau, theta, theta_pos, num_fractional, exact = (per_query(s, e) for s, e in zip(stats, empty_values))
+    tau, theta, theta_pos, num_fractional, exact = _prefix_thresholds(
+        jnp.asarray(scores, jnp.float32), segments, topk=topk, window=window, buffer_size=buffer_size,
+        block_size=block_size)
     if return_info:
         return tau, theta, ThresholdInfo(theta_pos, num_fractional, exact)
     return tau, theta

@@ -71,6 +71,10 @@ def test_smallest_threshold_when_not_unique():
     z = jnp.array([5.0, 3.0, 0.0, -4.0])
     assert float(sk.sparsek_threshold(z, 2)) == 0.0
     np.testing.assert_array_equal(sk.sparsek(z, 2), [1.0, 1.0, 0.0, 0.0])
+    # Exact in float32 too when the scores are not representable: tau is the 3rd score itself.
+    z = jnp.array([2.0, 0.3, 1.9, -0.5])
+    assert float(sk.sparsek_threshold(z, 2)) == float(z[1])
+    np.testing.assert_array_equal(sk.sparsek(z, 2), [1.0, 0.0, 1.0, 0.0])
 
 
 def well_separated(rng, m):

@@ -1,0 +1,153 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparsek_jax as sk
+from oracles import bisect_threshold, topk_newest_first
+
+
+def random_scores(rng, batch, seq, heads, *, ties=False, slope=0.0):
+    u = rng.normal(size=(batch, seq, heads)) + slope * np.arange(seq)[None, :, None]
+    if ties:
+        u = np.round(u * 2) / 2  # many exact ties
+    return jnp.asarray(u.astype(np.float32))
+
+
+def random_segments(rng, batch, seq):
+    starts = np.sort(rng.choice(np.arange(1, seq), size=min(3, seq - 1), replace=False))
+    return jnp.asarray(np.stack([np.searchsorted(starts, np.arange(seq), side="right")] * batch), jnp.int32)
+
+
+def dense_expectations(u, topk, window, segments):
+    """tau, theta, the selected set and candidates per query by brute force (float64 bisection)."""
+    u = np.asarray(u, np.float64)
+    batch, seq, heads = u.shape
+    seg = np.zeros((batch, seq), int) if segments is None else np.asarray(segments)
+    tau = np.full(u.shape, np.nan)
+    theta = np.full(u.shape, np.nan)
+    selected = np.zeros((batch, heads, seq, seq), bool)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seq):
+                cand = [j for j in range(i - window + 1) if seg[b, j] == seg[b, i]]
+                tau[b, i, h] = bisect_threshold(u[b, cand, h], topk) if topk else np.inf
+                top = topk_newest_first(u[b, :, h], cand, topk)
+                selected[b, h, i, list(top)] = True
+                theta[b, i, h] = (min(u[b, j, h] for j in top) if len(cand) > topk else -np.inf) if topk else np.inf
+    return tau, theta, selected
+
+
+CASES = [  # (seq, heads, topk, window, ties, segments, block_size)
+    (45, 2, 5, 3, False, False, 8),
+    (64, 1, 1, 0, False, True, 16),
+    (37, 2, 6, 0, True, False, 7),
+    (50, 2, 4, 9, True, True, 16),
+    (23, 1, 40, 2, False, False, 8),   # topk larger than every prefix
+    (30, 2, 3, 40, False, False, 8),   # window longer than the sequence: no candidates
+    (40, 1, 0, 4, False, False, 8),    # topk = 0: nothing selected
+]
+
+
+@pytest.mark.parametrize("seq, heads, topk, window, ties, segmented, block", CASES)
+def test_matches_brute_force(rng, seq, heads, topk, window, ties, segmented, block):
+    u = random_scores(rng, 2, seq, heads, ties=ties)
+    segments = random_segments(rng, 2, seq) if segmented else None
+    tau, theta, info = sk.prefix_thresholds(u, topk=topk, window=window, segment_ids=segments,
+                                            buffer_size=seq, block_size=block, return_info=True)
+    exp_tau, exp_theta, exp_selected = dense_expectations(u, topk, window, segments)
+    np.testing.assert_allclose(np.asarray(tau), exp_tau, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(theta), exp_theta.astype(np.float32))
+    assert bool(info.exact.all())
+    # The (theta, theta_pos) rule reproduces the selected set exactly, ties included.
+    j = np.arange(seq)
+    th = np.moveaxis(np.asarray(theta), 1, 2)[..., None]
+    tp = np.moveaxis(np.asarray(info.theta_pos), 1, 2)[..., None]
+    uu = np.moveaxis(np.asarray(u), 1, 2)[:, :, None, :]
+    seg = np.zeros((2, seq), int) if segments is None else np.asarray(segments)
+    cand = (j[None, :] <= j[:, None] - window)[None, None] & (seg[:, None, :, None] == seg[:, None, None, :])
+    selected = cand & np.asarray(sk.is_selected(uu, j, th, tp))
+    np.testing.assert_array_equal(selected, exp_selected)
+    # The dense pattern agrees too.
+    pattern = sk.attention_pattern(u, topk=topk, window=window, segment_ids=segments)
+    np.testing.assert_array_equal(np.asarray(pattern.selected), exp_selected)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_monotone_counts_and_support(rng, ties):
+    seq, topk, window = 96, 7, 5
+    u = random_scores(rng, 2, seq, 3, ties=ties)
+    segments = random_segments(rng, 2, seq)
+    tau, theta, info = sk.prefix_thresholds(u, topk=topk, window=window, segment_ids=segments,
+                                            block_size=32, return_info=True)
+    tau, theta, seg = np.asarray(tau), np.asarray(theta), np.asarray(segments)
+    same_doc = (seg[:, 1:] == seg[:, :-1])[..., None]
+    assert np.all((tau[:, 1:] >= tau[:, :-1]) | ~same_doc), "tau must not decrease within a document"
+    assert np.all((theta[:, 1:] >= theta[:, :-1]) | ~same_doc), "theta must not decrease within a document"
+    pattern = sk.attention_pattern(u, topk=topk, window=window, segment_ids=segments)
+    j = np.arange(seq)
+    cand = (j[None, :] <= j[:, None] - window)[None, None] & (seg[:, None, :, None] == seg[:, None, None, :])
+    np.testing.assert_array_equal(np.asarray(pattern.selected).sum(-1),
+                                  np.broadcast_to(np.minimum(topk, cand.sum(-1)), (2, 3, seq)))
+    # The top-k lie inside the SPARSEK support: every selected key has a positive gate.
+    gates = np.asarray(pattern.gates)
+    assert np.all(gates[np.asarray(pattern.selected)] > 0)
+
+
+def test_bounded_buffer_reports_inexact(rng):
+    # Scores within a narrow band: many fractional gates, so a small buffer must lose keys above tau.
+    seq, topk = 128, 4
+    u = jnp.asarray(rng.uniform(0, 0.5, size=(1, seq, 1)).astype(np.float32))
+    tau, _, info = sk.prefix_thresholds(u, topk=topk, window=0, buffer_size=6, block_size=16, return_info=True)
+    exp_tau, _, _ = dense_expectations(u, topk, 0, None)
+    exact = np.asarray(info.exact)
+    assert not exact.all(), "a 6-key buffer cannot hold a support of ~10 keys"
+    finite = np.isfinite(exp_tau)
+    np.testing.assert_allclose(np.asarray(tau)[exact & finite], exp_tau[exact & finite], atol=2e-5)
+    # A position slope keeps the support near topk: the same buffer is then exact everywhere.
+    u_slope = u + 0.25 * jnp.arange(seq, dtype=jnp.float32)[None, :, None]
+    _, _, info = sk.prefix_thresholds(u_slope, topk=topk, window=0, buffer_size=12, block_size=16,
+                                      return_info=True)
+    assert bool(info.exact.all())
+
+
+def test_num_fractional(rng):
+    u = random_scores(rng, 1, 40, 1)
+    tau, _, info = sk.prefix_thresholds(u, topk=5, window=2, buffer_size=40, block_size=8, return_info=True)
+    uu = np.asarray(u)[0, :, 0]
+    for i in range(40):
+        t = float(tau[0, i, 0])
+        cand = uu[: max(i - 1, 0)]
+        expected = int(np.sum((cand > t) & (cand < t + 1))) if np.isfinite(t) else 0
+        assert int(info.num_fractional[0, i, 0]) == expected
+
+
+def test_jit_vmap_grad(rng):
+    u = random_scores(rng, 2, 33, 2)
+    fn = lambda x: sk.prefix_thresholds(x, topk=4, window=3, block_size=8)
+    eager = fn(u)
+    jitted = jax.jit(fn)(u)
+    np.testing.assert_array_equal(eager[0], jitted[0])
+    mapped = jax.vmap(lambda x: fn(x[None])[0][0])(u)
+    np.testing.assert_array_equal(mapped, eager[0])
+    # d tau_i / d u_l = [l in M_i] / |M_i|: each row of the Jacobian sums to 1 where tau is finite.
+    jac = jax.jacrev(lambda x: fn(x)[0][0, :, 0])(u)[:, 0, :, 0]
+    finite = np.isfinite(np.asarray(eager[0])[0, :, 0])
+    np.testing.assert_allclose(np.asarray(jac).sum(-1)[finite], 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scores=jnp.ones((4, 3))), r"scores: expected a rank-3 array \[batch, seq, kv_heads\], received shape \(4, 3\)"),
+    (dict(topk=-1), "topk: expected a non-negative int, received -1"),
+    (dict(window=2.5), r"window: expected a non-negative Python int, received 2.5"),
+    (dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids: expected shape \(1, 8\)"),
+    (dict(segment_ids=jnp.zeros((1, 8))), "segment_ids: expected an integer array"),
+    (dict(buffer_size=2), "buffer_size: expected at least topk=3, received 2"),
+    (dict(scores=jnp.ones((1, 8, 2), jnp.int32)), "scores: expected a floating-point array"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(scores=jnp.ones((1, 8, 2)), topk=3, window=1)
+    args.update(kwargs)
+    scores = args.pop("scores")
+    with pytest.raises(ValueError, match=match):
+        sk.prefix_thresholds(scores, **args)
