@@ -8,12 +8,14 @@ the oracle every other path is tested against.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from sparsek_jax import validation
 from sparsek_jax.pattern import attention_pattern
+from sparsek_jax.xla_attention import DEFAULT_BLOCK_SIZE, xla_sparsek_attention
 
 __all__ = ["sparsek_attention"]
 
@@ -46,9 +48,29 @@ def _reference_attention(q, k, v, scores, segment_ids, *, topk, window, gate, sc
     return out.reshape(batch, seq, q_heads, head_dim).astype(q.dtype)
 
 
+def _resolve_implementation(implementation: str) -> str:
+    """``"auto"``: the best path for the default backend; warns once when it has to fall back."""
+    if implementation != "auto":
+        return implementation
+    platform = jax.default_backend()
+    best = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+    if best not in _AVAILABLE:
+        if platform not in _warned_fallback:
+            _warned_fallback.add(platform)
+            warnings.warn(f"sparsek_attention(implementation='auto'): {best!r} is not available on "
+                          f"{platform}; using 'xla'", stacklevel=3)
+        return "xla"
+    return best
+
+
+_AVAILABLE = {"reference", "xla"}
+_warned_fallback: set[str] = set()
+
+
 def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *, topk: int,
                       window: int, gate: str = "value", segment_ids: jax.Array | None = None,
-                      scale: float | None = None, implementation: str = "reference") -> jax.Array:
+                      scale: float | None = None, implementation: str = "reference",
+                      block_size: int | None = None, buffer_size: int | None = None) -> jax.Array:
     """Causal SparseK attention with a sliding window.
 
     Query ``i`` attends with one softmax to its window ``W_i = {j : i - window < j <= i}`` (gate 1) and to
@@ -68,7 +90,12 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
       segment_ids: optional int ``[batch, seq]``; no attention and no selection across documents. Segments
         must be contiguous runs (as produced by packing).
       scale: logit scale, default ``1 / sqrt(head_dim)``.
-      implementation: ``"reference"`` (dense O(seq^2), the test oracle).
+      implementation: ``"reference"`` (dense O(seq^2), the test oracle), ``"xla"`` (blocked and gathered,
+        O(seq (topk + block_size + window)) memory and time, forward and backward, any backend) or
+        ``"auto"`` (the best available path for the default backend; warns once when it falls back).
+      block_size: queries per gathered tile of the blocked paths (default 64).
+      buffer_size: top scores kept by the blocked thresholds (default ``default_buffer_size``); ``tau`` is
+        exact while no key above it is dropped (see ``prefix_thresholds``).
 
     Returns:
       ``[batch, seq, q_heads, head_dim]`` in ``q``'s dtype. A query with no key at all (``window = 0`` and
@@ -81,7 +108,21 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
     validation.check_choice("implementation", implementation, validation.IMPLEMENTATIONS)
     if scale is None:
         scale = 1.0 / float(q.shape[-1]) ** 0.5
+    if block_size is not None:
+        block_size = validation.check_nonnegative_int("block_size", block_size)
+        if block_size < 1:
+            raise ValueError(f"block_size: expected a positive int, received {block_size}")
+    if buffer_size is not None:
+        buffer_size = validation.check_nonnegative_int("buffer_size", buffer_size)
+        if buffer_size < min(max(topk, 1), q.shape[1]):
+            raise ValueError(f"buffer_size: expected at least min(topk, seq)={min(topk, q.shape[1])}, "
+                             f"received {buffer_size}")
+    implementation = _resolve_implementation(implementation)
+    if implementation == "xla":
+        return xla_sparsek_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
+                                     scale=float(scale), block_size=block_size or DEFAULT_BLOCK_SIZE,
+                                     buffer_size=buffer_size)
     if implementation != "reference":
-        raise NotImplementedError(f"implementation={implementation!r} is not built yet; use 'reference'")
+        raise NotImplementedError(f"implementation={implementation!r} is not built yet; use 'xla' or 'auto'")
     return _reference_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
                                 scale=float(scale))

@@ -4,9 +4,9 @@
 ``p = clip(z - tau, 0, 1)`` with the threshold ``tau`` solving ``sum(clip(z - tau, 0, 1)) = k``.
 
 How ``tau`` is found (see docs/operator.md): ``f(t) = sum_j clip(z_j - t, 0, 1)`` is continuous,
-piecewise linear and non-increasing, with breakpoints at ``z_j`` and ``z_j - 1``. On a sorted vector,
-prefix sums and binary searches give ``f`` at all 2m breakpoints in O(m log m); ``tau`` lies on the
-linear piece that starts at the largest breakpoint ``b`` with ``f(b) > k``. This yields the *smallest*
+piecewise linear and non-increasing, with breakpoints at ``z_j`` and ``z_j - 1``. ``tau`` lies on the
+linear piece that starts at the largest breakpoint ``b`` with ``f(b) > k``, found by a binary search over
+the sorted breakpoints in O(m log m), and is solved there in closed form. This yields the *smallest*
 valid ``tau`` when the solution is not unique (a gap of at least one below the k-th largest score), which
 keeps thresholds non-decreasing along growing prefixes.
 
@@ -20,6 +20,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 __all__ = ["sparsek", "sparsek_threshold", "threshold_of_sorted"]
 
@@ -36,13 +37,9 @@ def threshold_of_sorted(z_desc: jax.Array, k) -> jax.Array:
       entry gets ``p = 1``).
     """
     valid = z_desc > -jnp.inf
-    num_valid = jnp.sum(valid)
     k = jnp.asarray(k, jnp.float32)
-    # Shift by the maximum so that prefix sums stay small: tau is shift-equivariant.
-    top = jnp.where(valid[0], z_desc[0], 0.0)
-    z = jnp.where(valid, z_desc - top, 0.0)
-    prefix = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(z)])  # prefix[c] = sum of top c
-    # Membership of U = {z - 1 > t} is decided on the very floats the breakpoints were made of:
+    z = jnp.where(valid, z_desc, 0.0)
+    # Membership of U = {z - 1 > t} is decided on the very floats the breakpoints are made of:
     # testing z > t + 1 instead misplaces the key whose z - 1 *is* the breakpoint (rounding).
     minus_one = z - 1.0
     ascending = jnp.where(valid, -z, jnp.inf)  # searchsorted keys; invalid entries sort last
@@ -54,27 +51,35 @@ def threshold_of_sorted(z_desc: jax.Array, k) -> jax.Array:
     def count_upper(x):  # #{valid z_j - 1 > x}
         return jnp.searchsorted(ascending_minus_one, -x, side="left")
 
-    lowest = jnp.min(jnp.where(valid, minus_one, 0.0)) - 1.0
-    breakpoint_valid = jnp.concatenate([valid, valid])
-    breakpoints = jnp.where(breakpoint_valid, jnp.concatenate([z, minus_one]), lowest)
-    above = count_above(breakpoints)
-    upper = count_upper(breakpoints)
-    f = upper + (prefix[above] - prefix[upper]) - (above - upper) * breakpoints
-    start = jnp.max(jnp.where(breakpoint_valid & (f > k), breakpoints, lowest))
-    # On (start, next breakpoint]: U = {z - 1 > start} has p = 1, M = {z > start} \ U is fractional.
+    def f(t):  # sum_j clip(z_j - t, 0, 1): each term is clipped, so a flat stretch gives exactly k
+        return jnp.sum(jnp.where(valid, jnp.clip(z - t, 0.0, 1.0), 0.0))
+
+    # tau lies on the linear piece that starts at the largest breakpoint b with f(b) > k: binary search
+    # over the sorted breakpoints, f evaluated directly (O(m) each, O(m log m) in all).
+    lowest = jnp.min(jnp.where(valid, minus_one, jnp.inf)) - 1.0
+    breakpoints = -jnp.sort(-jnp.where(jnp.concatenate([valid, valid]), jnp.concatenate([z, minus_one]), lowest))
+    num_breakpoints = breakpoints.shape[0]
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        above_k = f(breakpoints[jnp.minimum(mid, num_breakpoints - 1)]) > k
+        return jnp.where(above_k, lo, mid + 1), jnp.where(above_k, mid, hi)
+
+    first, _ = lax.fori_loop(0, int(num_breakpoints).bit_length(), bisect,
+                             (jnp.int32(0), jnp.int32(num_breakpoints)))
+    start = jnp.where(first < num_breakpoints, breakpoints[jnp.minimum(first, num_breakpoints - 1)], lowest)
+    # On (start, next breakpoint]: U = {z - 1 > start} has p = 1, M = {z > start} \ U is fractional and
+    # f(t) = f(start) - |M| (t - start). Solve, then one correction step that sums the fractional part
+    # around the estimate (integer part first, so that a tau equal to a score comes out exactly).
     num_upper = count_upper(start)
     num_mid = count_above(start) - num_upper
-    has_solution = num_valid > k
-    safe_mid = jnp.where(has_solution, num_mid, 1)
-    tau = (prefix[num_upper + num_mid] - prefix[num_upper] + num_upper - k) / safe_mid
-    # The prefix sums cancel badly when the scores are large; one correction step sums the fractional
-    # part directly around the first estimate, where every term is at most 1 in size. It runs on the
-    # unshifted scores, integer part first, so that a tau equal to a score comes out exactly.
-    tau = tau + top
+    has_solution = jnp.sum(valid) > k
+    safe_mid = jnp.where(has_solution & (num_mid > 0), num_mid, 1)
+    tau = start + (f(start) - k) / safe_mid
     index = jnp.arange(z.shape[0])
     fractional = (index >= num_upper) & (index < num_upper + num_mid)
-    residual = (num_upper - k) + jnp.sum(jnp.where(fractional, z_desc - tau, 0.0))
-    tau = tau + residual / safe_mid
+    tau = tau + ((num_upper - k) + jnp.sum(jnp.where(fractional, z - tau, 0.0))) / safe_mid
     return jnp.where(has_solution, tau, -jnp.inf)
 
 

@@ -62,8 +62,13 @@ def is_selected(scores_j, pos_j, theta_i, theta_pos_i):
     return (scores_j > theta_i) | ((scores_j == theta_i) & (pos_j >= theta_pos_i))
 
 
-def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_size: int):
-    """Statistics of every key prefix of one row. scores float32 [n], segments int32 [n]."""
+def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_size: int, anchor_offset: int,
+                      anchor_count: int):
+    """Statistics of every key prefix of one row. scores float32 [n], segments int32 [n].
+
+    Besides the per-position statistics, each block emits the positions of the top ``anchor_count`` keys of
+    the prefix ending at its row ``anchor_offset`` (the attention's per-query-block candidate list).
+    """
     n = scores.shape[0]
     num_blocks = -(-n // block_size)
     pad = num_blocks * block_size - n
@@ -101,21 +106,50 @@ def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_si
         exact = left_out <= tau
         new_carry = (sorted_scores[-1, :buffer_size], sorted_pos[-1, :buffer_size], block_segments[-1],
                      jnp.maximum(left_out[-1], sorted_scores[-1, buffer_size]))
-        return new_carry, (tau, theta, theta_pos, num_fractional, exact)
+        anchors = sorted_pos[anchor_offset, :anchor_count]
+        return new_carry, ((tau, theta, theta_pos, num_fractional, exact), anchors)
 
     init = (jnp.full((buffer_size,), -jnp.inf, jnp.float32), jnp.full((buffer_size,), -1, jnp.int32),
             jnp.int32(-2), jnp.float32(-jnp.inf))
-    _, stats = lax.scan(step, init, blocks)
-    return tuple(x.reshape(-1)[:n] for x in stats)
+    _, (stats, anchors) = lax.scan(step, init, blocks)
+    return tuple(x.reshape(-1)[:n] for x in stats), anchors
+
+
+class BlockedThresholds(NamedTuple):
+    """Everything the blocked attention needs from the thresholds (internal to the fast paths).
+
+    tau, theta, theta_pos, num_fractional, exact: ``[batch, seq, kv_heads]`` as in ``prefix_thresholds``.
+    anchors: int32 ``[batch, kv_heads, ceil(seq / block_size), min(topk, seq)]``: for the query block
+      starting at ``i0 = c * block_size``, the positions of its first query's selected keys ``S_{i0}``
+      (``-1`` for empty slots). Every key a query of the block selects is either here or among the
+      ``block_size - 1`` candidates that enter after ``i0`` (SPEC §1, point 3).
+    """
+
+    tau: jax.Array
+    theta: jax.Array
+    theta_pos: jax.Array
+    num_fractional: jax.Array
+    exact: jax.Array
+    anchors: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size"))
-def _prefix_thresholds(scores, segments, *, topk, window, buffer_size, block_size):
+def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size) -> BlockedThresholds:
+    """Thresholds of every query plus per-query-block anchors. scores float32 ``[batch, seq, kv_heads]``,
+    segments int32 ``[batch, seq]``, ``1 <= topk``, ``topk <= buffer_size`` unless ``topk >= seq``."""
     seq = scores.shape[1]
+    num_blocks = -(-seq // block_size)
+    anchor_count = min(topk, seq)
+    # Query block c starts at i0 = c B; its candidates are the key prefix t = i0 - window, which sits at
+    # the same offset of key block c - shift for every c.
+    anchor_offset = (-window) % block_size
+    shift = (window + anchor_offset) // block_size
     rows = jnp.moveaxis(scores, 2, 1)  # [batch, kv_heads, seq]
-    row_fn = lambda u, s: _prefix_stats_row(u, s, topk=topk, buffer_size=buffer_size,
-                                           block_size=block_size)
-    stats = jax.vmap(jax.vmap(row_fn, in_axes=(0, None)), in_axes=(0, 0))(rows, segments)
+    row_fn = lambda u, s: _prefix_stats_row(u, s, topk=topk, buffer_size=buffer_size, block_size=block_size,
+                                           anchor_offset=anchor_offset, anchor_count=anchor_count)
+    stats, anchors = jax.vmap(jax.vmap(row_fn, in_axes=(0, None)), in_axes=(0, 0))(rows, segments)
+    anchors = jnp.concatenate([jnp.full(anchors.shape[:2] + (shift, anchor_count), -1, jnp.int32),
+                               anchors], axis=2)[:, :, :num_blocks]
 
     # Query i reads key prefix t = i - window, if that key exists and is in i's document.
     source = jnp.arange(seq) - window
@@ -128,7 +162,30 @@ def _prefix_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
         shifted = jnp.where(has_candidates[:, None, :], shifted, jnp.asarray(empty, shifted.dtype))
         return jnp.moveaxis(shifted, 1, 2)
 
-    return tuple(per_query(s, e) for s, e in zip(stats, empty_values))
+    tau, *rest = (per_query(s, e) for s, e in zip(stats, empty_values))
+    return BlockedThresholds(running_max_within_documents(tau, segments), *rest, anchors)
+
+
+def document_index(segments):
+    """int32 ``[batch, seq]``: 0 for the first document of a row, +1 at every change of segment id."""
+    change = jnp.concatenate([jnp.zeros_like(segments[:, :1]), segments[:, 1:] != segments[:, :-1]], axis=1)
+    return jnp.cumsum(change.astype(jnp.int32), axis=1)
+
+
+def running_max_within_documents(values, segments):
+    """Running maximum along ``seq`` of ``[batch, seq, heads]`` values, restarting at each document.
+
+    Mathematically ``tau`` never decreases within a document; recomputing it from a different candidate
+    set can round one ulp lower. The running maximum restores the exact monotonicity that the backward
+    pass relies on (it binary-searches ``tau``) at a cost of at most an ulp.
+    """
+    docs = jnp.broadcast_to(document_index(segments)[:, :, None], values.shape)
+
+    def combine(a, b):
+        (doc_a, val_a), (doc_b, val_b) = a, b
+        return doc_b, jnp.where(doc_a == doc_b, jnp.maximum(val_a, val_b), val_b)
+
+    return lax.associative_scan(combine, (docs, values), axis=1)[1]
 
 
 def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids: jax.Array | None = None,
@@ -166,8 +223,8 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
     if buffer_size is None:
         buffer_size = default_buffer_size(topk, seq)
     buffer_size = validation.check_nonnegative_int("buffer_size", buffer_size)
-    if buffer_size < max(topk, 1) and topk < seq:
-        raise ValueError(f"buffer_size: expected at least topk={topk}, received {buffer_size}")
+    if buffer_size < min(max(topk, 1), seq):
+        raise ValueError(f"buffer_size: expected at least min(topk, seq)={min(topk, seq)}, received {buffer_size}")
 
     shape = (batch, seq, kv_heads)
     if topk == 0 or seq == 0:
@@ -178,7 +235,7 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
 
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
-    tau, theta, theta_pos, num_fractional, exact = _prefix_thresholds(
+    tau, theta, theta_pos, num_fractional, exact, _ = blocked_thresholds(
         jnp.asarray(scores, jnp.float32), segments, topk=topk, window=window, buffer_size=buffer_size,
         block_size=block_size)
     if return_info:

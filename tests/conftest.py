@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _SESSION_SEED = int(os.environ.get("SPARSEK_TEST_SEED", np.random.SeedSequence().entropy % (2**32)))
+os.environ["SPARSEK_TEST_SEED"] = str(_SESSION_SEED)  # pytest-xdist workers inherit the same seed
 
 
 def pytest_report_header(config):

@@ -77,6 +77,21 @@ def test_smallest_threshold_when_not_unique():
     np.testing.assert_array_equal(sk.sparsek(z, 2), [1.0, 0.0, 1.0, 0.0])
 
 
+def test_smallest_threshold_on_random_flat_stretches(rng):
+    # A gap of at least 1 below the k-th score: tau must be exactly the (k+1)-th score, never the upper end.
+    rows, m, k = 200, 24, 5
+    top = rng.uniform(1.0, 3.0, size=(rows, k)) + 1.0
+    rest = rng.uniform(-3.0, 0.0, size=(rows, m - k))
+    z = np.concatenate([top + rest.max(1, keepdims=True), rest], axis=1).astype(np.float32)
+    z = np.stack([rng.permutation(row) for row in z]) * rng.choice([0.9, 1.0, 7.3], size=(rows, 1)).astype(np.float32)
+    z = z.astype(np.float32)
+    tau = np.asarray(sk.sparsek_threshold(jnp.asarray(z), k))
+    expected = -np.sort(-z, axis=1)[:, k]
+    gap_ok = (-np.sort(-z, axis=1)[:, k - 1] - expected) >= 1.0
+    np.testing.assert_array_equal(tau[gap_ok], expected[gap_ok])
+    assert gap_ok.sum() > rows // 2
+
+
 def well_separated(rng, m):
     """Scores whose breakpoints (z_j and z_j - 1) are far apart, so finite differences stay on one piece."""
     z = rng.permutation(np.arange(m)) * 0.37 + rng.uniform(-0.05, 0.05, m)

@@ -142,7 +142,7 @@ def test_jit_vmap_grad(rng):
     (dict(window=2.5), r"window: expected a non-negative Python int, received 2.5"),
     (dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids: expected shape \(1, 8\)"),
     (dict(segment_ids=jnp.zeros((1, 8))), "segment_ids: expected an integer array"),
-    (dict(buffer_size=2), "buffer_size: expected at least topk=3, received 2"),
+    (dict(buffer_size=2), r"buffer_size: expected at least min\(topk, seq\)=3, received 2"),
     (dict(scores=jnp.ones((1, 8, 2), jnp.int32)), "scores: expected a floating-point array"),
 ])
 def test_bad_input(kwargs, match):

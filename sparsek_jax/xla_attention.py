@@ -1,0 +1,282 @@
+"""Blocked SparseK attention in plain JAX: linear memory and time, forward and backward.
+
+For a block of ``B`` consecutive queries starting at ``i0`` every key any of them attends to lies in one
+gathered tile of ``window + B - 1 + topk`` keys:
+
+- the contiguous range ``(i0 - window, i0 + B - 1]``: the block's windows plus the ``B - 1`` candidates that
+  enter after ``i0``;
+- the anchors ``S_{i0}``: the keys selected by the block's first query. Since ``theta`` never decreases, a
+  key older than ``i0 - window`` that a later query of the block selects is already in ``S_{i0}``.
+
+Masks and gates are rebuilt per (query, tile slot) from ``u``, ``tau``, ``theta`` and the tie position, one
+softmax per query. Memory and time are ``O(batch * heads * seq * (window + B + topk))``; no ``seq x seq``
+array exists in the forward or the backward pass.
+
+The backward pass is a custom VJP (SPEC §1, "Backward, worked out"): with ``P`` the softmax over the tile,
+``D_i = dO_i . o_i`` as in FlashAttention, ``dS = P (g dO.v - D)``, ``dv += P g dO``; the gate gradient
+``G_ij = P_ij dO_i.v_j`` (value gating) flows to the scores through ``g_ij = clip(u_j - tau_i, 0, 1)`` and
+the SPARSEK VJP: ``du_l = sum_i [l in M_i] G_il - sum_i [l in M_i] Gbar_i``. The first sum is accumulated
+per tile slot and scattered like ``dk``; the second is a range sum, because the queries whose fractional
+set ``M_i`` contains ``l`` form one contiguous range (``tau`` is non-decreasing): prefix sums of ``Gbar``
+and two binary searches on ``tau`` per key give it in ``O(seq log seq)``.
+
+Scatter choice: tile gradients are scatter-added to key positions (``.at[].add``). On CPU that is exact and
+deterministic; on GPU XLA lowers it to atomics. The Pallas kernels make their own choice (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sparsek_jax.thresholds import (BlockedThresholds, blocked_thresholds, default_buffer_size, document_index,
+                                   is_selected)
+
+__all__ = ["xla_sparsek_attention", "DEFAULT_BLOCK_SIZE"]
+
+DEFAULT_BLOCK_SIZE = 64
+
+
+class _Config(NamedTuple):
+    topk: int
+    window: int
+    gate: str
+    scale: float
+    block_size: int
+    buffer_size: int
+
+
+class _Tiles(NamedTuple):
+    """Per query block: gathered keys and everything needed to rebuild masks and gates."""
+
+    q: jax.Array          # [b, hkv, nb, B, G, d] float32
+    k: jax.Array          # [b, hkv, nb, L, d] float32
+    v: jax.Array          # [b, hkv, nb, L, d] float32
+    key_pos: jax.Array    # [b, hkv, nb, L] int32, -1 where the slot is empty
+    allowed: jax.Array    # [b, hkv, nb, B, L] bool: window or selected
+    gates: jax.Array      # [b, hkv, nb, B, L] float32: 1 on the window, clip(u - tau, 0, 1) on selected
+    fractional: jax.Array  # [b, hkv, nb, B, L] bool: selected with 0 < u - tau < 1 (the gate moves)
+
+
+def _blocks(x, num_blocks, block_size, fill=0):
+    """[b, seq, ...] -> [b, nb, B, ...], padding seq with ``fill``."""
+    pad = num_blocks * block_size - x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape((x.shape[0], num_blocks, block_size) + x.shape[2:])
+
+
+def _gather_rows(x, positions):
+    """x [b, hkv, seq, ...], positions [b, hkv, nb, L] (valid) -> [b, hkv, nb, L, ...]."""
+    b, h, nb, length = positions.shape
+    flat = positions.reshape(b, h, nb * length)
+    gathered = jnp.take_along_axis(x, flat.reshape(flat.shape + (1,) * (x.ndim - 3)), axis=2)
+    return gathered.reshape((b, h, nb, length) + x.shape[3:])
+
+
+def _build_tiles(q, k, v, scores, segments, th: BlockedThresholds, cfg: _Config) -> _Tiles:
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    B, w = cfg.block_size, cfg.window
+    nb = -(-seq // B)
+
+    qb = _blocks(q.astype(jnp.float32), nb, B).reshape(batch, nb, B, kv_heads, group, head_dim)
+    qb = qb.transpose(0, 3, 1, 2, 4, 5)
+    query_pos = jnp.arange(nb * B, dtype=jnp.int32).reshape(nb, B)
+    contiguous = (jnp.arange(nb, dtype=jnp.int32)[:, None] * B - w + 1
+                  + jnp.arange(w + B - 1, dtype=jnp.int32)[None, :])  # [nb, w + B - 1]
+    key_pos = jnp.broadcast_to(contiguous, (batch, kv_heads) + contiguous.shape)
+    if cfg.topk > 0:
+        key_pos = jnp.concatenate([key_pos, th.anchors], axis=-1)
+    key_valid = (key_pos >= 0) & (key_pos < seq)
+    safe_pos = jnp.where(key_valid, key_pos, 0)
+
+    def heads_first(x):  # [b, seq, hkv, ...] -> [b, hkv, seq, ...]
+        return jnp.moveaxis(x, 2, 1)
+
+    k_tile = _gather_rows(heads_first(k.astype(jnp.float32)), safe_pos)
+    v_tile = _gather_rows(heads_first(v.astype(jnp.float32)), safe_pos)
+    u_tile = _gather_rows(heads_first(scores), safe_pos)
+    seg_tile = _gather_rows(jnp.broadcast_to(segments[:, None, :], (batch, kv_heads, seq)), safe_pos)
+
+    def query_side(x, fill):  # [b, seq, hkv] -> [b, hkv, nb, B, 1]
+        return _blocks(x, nb, B, fill).transpose(0, 3, 1, 2)[..., None]
+
+    seg_q = _blocks(segments, nb, B, -1)[:, None, :, :, None]  # [b, 1, nb, B, 1]
+
+    i = query_pos[None, None, :, :, None]
+    j = key_pos[:, :, :, None, :]
+    same_doc = key_valid[:, :, :, None, :] & (seg_q == seg_tile[:, :, :, None, :]) & (i < seq)
+    in_window = same_doc & (j <= i) & (j > i - w)
+    if cfg.topk > 0:
+        tau = query_side(th.tau, jnp.inf)
+        theta = query_side(th.theta, jnp.inf)
+        theta_pos = query_side(th.theta_pos, seq)
+        u_j = u_tile[:, :, :, None, :]
+        selected = same_doc & (j <= i - w) & is_selected(u_j, j, theta, theta_pos)
+        gap = u_j - tau
+        gates = jnp.where(in_window, 1.0, jnp.where(selected, jnp.clip(gap, 0.0, 1.0), 0.0))
+        fractional = selected & (gap > 0.0) & (gap < 1.0)
+    else:
+        selected = fractional = jnp.zeros_like(in_window)
+        gates = in_window.astype(jnp.float32)
+    return _Tiles(qb, k_tile, v_tile, key_pos, in_window | selected, gates, fractional)
+
+
+def _logits(t: _Tiles, cfg: _Config):
+    s = jnp.einsum("zhcbgd,zhcld->zhcbgl", t.q, t.k) * cfg.scale
+    if cfg.gate == "logit":
+        # Selected gates are > 0 (the top-k lie inside the SPARSEK support); the floor only guards log(0).
+        s = s + jnp.log(jnp.maximum(t.gates, jnp.finfo(jnp.float32).tiny))[:, :, :, :, None, :]
+    return jnp.where(t.allowed[:, :, :, :, None, :], s, -jnp.inf)
+
+
+def _unblock(x, seq):
+    """[b, hkv, nb, B, G, d] -> [b, seq, hkv * G, d]."""
+    b, h, nb, B, g, d = x.shape
+    return x.transpose(0, 2, 3, 1, 4, 5).reshape(b, nb * B, h * g, d)[:, :seq]
+
+
+def _thresholds(scores, segments, cfg: _Config) -> BlockedThresholds | None:
+    if cfg.topk == 0:  # plain sliding window: nothing to select
+        return None
+    return blocked_thresholds(scores, segments, topk=cfg.topk, window=cfg.window,
+                              buffer_size=cfg.buffer_size, block_size=cfg.block_size)
+
+
+def _forward(q, k, v, scores, segments, cfg: _Config):
+    scores = lax.stop_gradient(scores.astype(jnp.float32))
+    th = _thresholds(scores, segments, cfg)
+    t = _build_tiles(q, k, v, scores, segments, th, cfg)
+    s = _logits(t, cfg)
+    row_max = jnp.max(s, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    e = jnp.exp(s - row_max)  # exp(-inf) = 0 off the pattern
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / jnp.where(total > 0, total, 1.0)  # a query with no key outputs 0
+    if cfg.gate == "value":
+        probs = probs * t.gates[:, :, :, :, None, :]
+    out = jnp.einsum("zhcbgl,zhcld->zhcbgd", probs, t.v)
+    lse = jnp.where(total > 0, row_max + jnp.log(jnp.where(total > 0, total, 1.0)), 0.0)[..., 0]
+    return out, lse, th
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, scores, segments, cfg: _Config):
+    out, _, _ = _forward(q, k, v, scores, segments, cfg)
+    return _unblock(out, q.shape[1]).astype(q.dtype)
+
+
+def _attention_fwd(q, k, v, scores, segments, cfg: _Config):
+    out, lse, th = _forward(q, k, v, scores, segments, cfg)
+    return _unblock(out, q.shape[1]).astype(q.dtype), (q, k, v, scores, segments, out, lse, th)
+
+
+def _scatter_add(tile_values, key_pos, seq):
+    """Sums [b, hkv, nb, L, ...] tile values into [b, hkv, seq, ...] by key position (empty slots dropped)."""
+    b, h = key_pos.shape[:2]
+    flat_pos = jnp.where((key_pos >= 0) & (key_pos < seq), key_pos, seq).reshape(b, h, -1)
+    values = tile_values.reshape((b, h, flat_pos.shape[-1]) + tile_values.shape[4:])
+    scatter = lambda vals, pos: jnp.zeros((seq + 1,) + vals.shape[1:], vals.dtype).at[pos].add(vals)[:seq]
+    return jax.vmap(jax.vmap(scatter))(values, flat_pos)
+
+
+def _first_index(predicate, lo, hi, num_steps):
+    """Smallest i in [lo, hi) with predicate(i) true (``hi`` if none), for a predicate that is false then
+    true on [lo, hi). Vectorised over the shapes of ``lo`` and ``hi``."""
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        go_left = predicate(mid) & (lo < hi)
+        return jnp.where(go_left | (lo >= hi), lo, mid + 1), jnp.where(go_left, mid, hi)
+
+    return lax.fori_loop(0, num_steps, step, (lo, hi))[0]
+
+
+def _fractional_range_sums(gbar, scores, tau, segments, window):
+    """``sum_i [l in M_i] gbar_i`` for every key ``l``. gbar, scores, tau: [b, hkv, seq]; segments [b, seq].
+
+    The queries with ``l`` among their candidates are ``[l + window, end of l's document)``; along them tau
+    never decreases, so ``0 < u_l - tau_i < 1`` holds on one contiguous sub-range, found by binary search.
+    """
+    b, h, seq = scores.shape
+    docs = document_index(segments)
+    # End of each position's document: first index whose document index is larger.
+    positions = jnp.arange(seq, dtype=jnp.int32)
+    end = jax.vmap(lambda d: jnp.searchsorted(d, d, side="right"))(docs).astype(jnp.int32)  # [b, seq]
+    start = jnp.broadcast_to(jnp.minimum(positions + window, end)[:, None, :], (b, h, seq))
+    end = jnp.broadcast_to(end[:, None, :], (b, h, seq))
+    tau_at = lambda i: jnp.take_along_axis(tau, jnp.minimum(i, seq - 1), axis=2)
+    steps = int(seq).bit_length() + 1
+    lo = _first_index(lambda i: scores - tau_at(i) < 1.0, start, end, steps)
+    hi = _first_index(lambda i: scores - tau_at(i) <= 0.0, start, end, steps)
+    prefix = jnp.concatenate([jnp.zeros((b, h, 1), gbar.dtype), jnp.cumsum(gbar, axis=2)], axis=2)
+    return jnp.take_along_axis(prefix, hi, axis=2) - jnp.take_along_axis(prefix, lo, axis=2)
+
+
+def _attention_bwd(cfg: _Config, residuals, d_out):
+    q, k, v, scores, segments, out, lse, th = residuals
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    nb = -(-seq // cfg.block_size)
+    scores32 = scores.astype(jnp.float32)
+    t = _build_tiles(q, k, v, scores32, segments, th, cfg)
+    s = _logits(t, cfg)
+    probs = jnp.exp(s - lse[..., None])  # 0 off the pattern (s = -inf)
+    do = _blocks(d_out.astype(jnp.float32), nb, cfg.block_size).reshape(
+        batch, nb, cfg.block_size, kv_heads, q_heads // kv_heads, head_dim).transpose(0, 3, 1, 2, 4, 5)
+    gates = t.gates[:, :, :, :, None, :]
+    do_v = jnp.einsum("zhcbgd,zhcld->zhcbgl", do, t.v)
+    delta = jnp.sum(do * out, axis=-1, keepdims=True)  # D_i = dO_i . o_i
+    weights = probs * gates if cfg.gate == "value" else probs
+    d_logits = probs * ((gates * do_v if cfg.gate == "value" else do_v) - delta)
+    dq = jnp.einsum("zhcbgl,zhcld->zhcbgd", d_logits, t.k) * cfg.scale
+    dk_tile = jnp.einsum("zhcbgl,zhcbgd->zhcld", d_logits, t.q) * cfg.scale
+    dv_tile = jnp.einsum("zhcbgl,zhcbgd->zhcld", weights, do)
+    dk = _scatter_add(dk_tile, t.key_pos, seq)
+    dv = _scatter_add(dv_tile, t.key_pos, seq)
+
+    if cfg.gate == "none" or cfg.topk == 0:
+        d_scores = jnp.zeros_like(scores32)
+    else:
+        # dL/dg_ij, summed over the query heads that share the KV head's gates.
+        if cfg.gate == "value":
+            d_gates = jnp.sum(probs * do_v, axis=4)
+        else:  # logit: s += log g, so dL/dg = dS / g
+            d_gates = jnp.sum(d_logits, axis=4) / jnp.where(t.fractional, t.gates, 1.0)
+        d_gates = jnp.where(t.fractional, d_gates, 0.0)  # [b, hkv, nb, B, L]
+        direct = _scatter_add(jnp.sum(d_gates, axis=3), t.key_pos, seq)  # sum_i [l in M_i] G_il
+        num_fractional = _blocks(th.num_fractional, nb, cfg.block_size, 1).transpose(0, 3, 1, 2)
+        gbar = jnp.sum(d_gates, axis=4) / jnp.maximum(num_fractional, 1)  # [b, hkv, nb, B]
+        gbar = gbar.reshape(batch, kv_heads, -1)[:, :, :seq]
+        tau = jnp.moveaxis(th.tau, 2, 1)
+        through_tau = _fractional_range_sums(gbar, jnp.moveaxis(scores32, 2, 1), tau, segments, cfg.window)
+        d_scores = jnp.moveaxis(direct - through_tau, 1, 2)
+
+    dq = _unblock(dq, seq).astype(q.dtype)
+    dk = jnp.moveaxis(dk, 1, 2).astype(k.dtype)
+    dv = jnp.moveaxis(dv, 1, 2).astype(v.dtype)
+    return dq, dk, dv, d_scores.astype(scores.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def xla_sparsek_attention(q, k, v, scores, segment_ids=None, *, topk: int, window: int, gate: str,
+                          scale: float, block_size: int = DEFAULT_BLOCK_SIZE, buffer_size: int | None = None):
+    """Blocked SparseK attention (see the module docstring); arguments as in ``sparsek_attention``,
+    already validated. ``block_size`` queries share one gathered tile; ``buffer_size`` is the thresholds'
+    bounded buffer (default ``default_buffer_size``)."""
+    batch, seq = q.shape[:2]
+    segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
+                else jnp.asarray(segment_ids, jnp.int32))
+    if buffer_size is None:
+        buffer_size = default_buffer_size(max(topk, 1), seq)
+    cfg = _Config(topk=topk, window=window, gate=gate, scale=float(scale), block_size=block_size,
+                  buffer_size=buffer_size)
+    return _attention(q, k, v, scores, segments, cfg)
