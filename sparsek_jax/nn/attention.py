@@ -1,0 +1,104 @@
+"""The attention layer: projections, GQA, RoPE, and one of three attention kinds."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import sparsek_jax as sk
+from sparsek_jax import kv_cache
+from sparsek_jax.nn.config import ModelConfig
+from sparsek_jax.nn.params import param
+from sparsek_jax.nn.rope import apply_rope
+from sparsek_jax.nn.scoring import ScoringNetwork
+from sparsek_jax.thresholds import default_buffer_size
+
+
+class SparseKAttention(nnx.Module):
+    """Multi-head (GQA) causal self-attention whose kind is ``dense``, ``sliding`` or ``sparsek``.
+
+    ``dense`` and ``sliding`` call ``jax.nn.dot_product_attention`` (cuDNN where available, with
+    ``is_causal`` and ``local_window_size``); ``sparsek`` scores every key with a ``ScoringNetwork`` and calls
+    ``sk.sparsek_attention``. Decoding keeps a constant-size cache for ``sliding`` and ``sparsek`` layers and a
+    preallocated ``max_decode_length`` cache for ``dense`` ones (``sparsek_jax.kv_cache``).
+    """
+
+    def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        self.config = config
+        self.kind = kind
+        c, init = config, nnx.initializers.lecun_normal()
+        dtype = c.params_dtype
+        self.q_proj = param(rngs, init, (c.d_model, c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_proj = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
+                            dtype)
+        self.v_proj = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
+                            dtype)
+        out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        self.o_proj = param(rngs, out_init, (c.num_heads, c.head_dim, c.d_model), ("q_heads", "head_dim", "embed"),
+                            dtype)
+        self.scorer = (ScoringNetwork(c.d_model, c.num_kv_heads, position_slope=c.position_slope, param_dtype=dtype,
+                                      rngs=rngs) if kind == "sparsek" else None)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / float(self.config.head_dim) ** 0.5
+
+    def _project(self, x, positions):
+        dtype = self.config.compute_dtype
+        x = x.astype(dtype)
+        q = jnp.einsum("bsm,mhd->bshd", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("bsm,mhd->bshd", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("bsm,mhd->bshd", x, self.v_proj[...].astype(dtype))
+        q = apply_rope(q, positions, base=self.config.rope_base)
+        k = apply_rope(k, positions, base=self.config.rope_base)
+        u = self.scorer(x, positions) if self.scorer is not None else None
+        return q, k, v, u
+
+    def _output(self, attended):
+        dtype = self.config.compute_dtype
+        return jnp.einsum("bshd,hdm->bsm", attended.astype(dtype), self.o_proj[...].astype(dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x ``[batch, seq, d_model]``, positions ``[batch, seq]`` int, segment_ids ``[batch, seq]`` or None."""
+        q, k, v, u = self._project(x, positions)
+        c = self.config
+        if self.kind == "sparsek":
+            out = sk.sparsek_attention(q, k, v, u, topk=c.topk, window=c.window, gate=c.gate, segment_ids=segment_ids,
+                                       scale=self.scale, implementation=c.implementation, block_size=c.block_size,
+                                       buffer_size=c.buffer_size)
+        else:
+            mask = None
+            if segment_ids is not None:  # packed documents: no attention across them
+                mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=self.scale, is_causal=True,
+                local_window_size=(c.window - 1, 0) if self.kind == "sliding" else None,
+                implementation=c.dense_implementation)
+        return self._output(out)
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+    def init_cache(self, batch_size: int) -> kv_cache.AttentionCache:
+        c = self.config
+        ring = {"dense": c.max_decode_length, "sliding": c.window, "sparsek": c.window}[self.kind]
+        topk = c.topk if self.kind == "sparsek" else 0
+        extra = 0
+        if topk:
+            buffer = c.buffer_size or default_buffer_size(topk, c.max_decode_length)
+            extra = max(buffer - topk, 0)
+        return kv_cache.empty_cache(batch_size, ring=ring, topk=topk, extra=extra, kv_heads=c.num_kv_heads,
+                                    head_dim=c.head_dim, dtype=c.compute_dtype)
+
+    def prefill(self, x, positions, cache: kv_cache.AttentionCache):
+        """Full-sequence forward over a prompt that also fills ``cache`` (which must be empty)."""
+        out = self(x, positions)
+        _, k, v, u = self._project(x, positions)
+        return out, kv_cache.prefill_cache(cache, k, v, u)
+
+    def decode_step(self, x, cache: kv_cache.AttentionCache):
+        """One token: x ``[batch, d_model]`` at position ``cache.length``; returns ``([batch, d_model], cache)``."""
+        positions = jnp.broadcast_to(cache.length, (x.shape[0], 1))
+        q, k, v, u = self._project(x[:, None], positions)
+        cache = kv_cache.append_token(cache, k[:, 0], v[:, 0], None if u is None else u[:, 0])
+        out, cache = kv_cache.attend(cache, q[:, 0], scale=self.scale, gate=self.config.gate)
+        return self._output(out[:, None])[:, 0], cache

@@ -1,0 +1,96 @@
+"""The model's configuration: one frozen dataclass, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sparsek_jax import validation
+
+ATTENTION_KINDS = ("dense", "sliding", "sparsek")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only language model with dense, sliding-window or SparseK attention per layer.
+
+    ``attention`` is one kind for every layer or a tuple with one kind per layer, so the baselines are the
+    same code. ``window`` is the sliding window of both ``sliding`` and ``sparsek`` layers; ``topk`` the
+    keys a ``sparsek`` layer selects beyond it. ``position_slope`` is the ε of the scoring network
+    (``u_j = x_j · w_score + ε j``).
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    attention: str | tuple[str, ...] = "sparsek"
+    topk: int = 64
+    window: int = 64
+    position_slope: float = 1e-3
+    gate: str = "value"
+    implementation: str = "auto"          # sparsek_attention implementation
+    dense_implementation: str | None = None  # jax.nn.dot_product_attention: None (best), "xla", "cudnn"
+    block_size: int | None = None
+    buffer_size: int | None = None
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"         # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"            # "none" or a jax.checkpoint_policies name, e.g. "nothing_saveable"
+    scan_layers: bool = False
+    max_decode_length: int = 4096  # dense layers' preallocated cache
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                     "max_decode_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name}: expected a positive int, received {value!r}")
+        for name in ("topk", "window"):
+            validation.check_nonnegative_int(f"ModelConfig.{name}", getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, "
+                             f"received {self.num_heads}")
+        kinds = self.layer_kinds
+        if len(kinds) != self.num_layers:
+            raise ValueError(f"ModelConfig.attention: expected one kind or {self.num_layers} kinds (num_layers), "
+                             f"received {len(kinds)}")
+        for kind in kinds:
+            validation.check_choice("ModelConfig.attention", kind, ATTENTION_KINDS)
+        if "sliding" in kinds and self.window < 1:
+            raise ValueError("ModelConfig.window: expected >= 1 for sliding layers, received 0")
+        validation.check_choice("ModelConfig.gate", self.gate, validation.GATES)
+        validation.check_choice("ModelConfig.implementation", self.implementation, validation.IMPLEMENTATIONS)
+        validation.check_choice("ModelConfig.dense_implementation", self.dense_implementation,
+                                (None, "xla", "cudnn"))
+        for name in ("dtype", "param_dtype"):
+            validation.check_choice(f"ModelConfig.{name}", getattr(self, name), ("float32", "bfloat16", "float16"))
+        if self.remat != "none" and not hasattr(jax.checkpoint_policies, self.remat):
+            policies = sorted(p for p in dir(jax.checkpoint_policies) if not p.startswith("_"))
+            raise ValueError(f"ModelConfig.remat: expected 'none' or one of {policies}, received {self.remat!r}")
+        if self.scan_layers and len(set(kinds)) > 1:
+            raise ValueError(f"ModelConfig.scan_layers: expected one attention kind for all layers when scanning, "
+                             f"received {kinds}")
+        if self.position_slope < 0:
+            raise ValueError(f"ModelConfig.position_slope: expected >= 0, received {self.position_slope}")
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        if isinstance(self.attention, str):
+            return (self.attention,) * self.num_layers
+        return tuple(self.attention)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)

@@ -1,0 +1,28 @@
+"""The scoring network: one importance score per key and KV head, independent of the query."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsek_jax.nn.params import param
+
+
+class ScoringNetwork(nnx.Module):
+    """``u_j = x_j · w_score + ε j`` (SPEC §1).
+
+    ``w_score`` starts at zero, so selection starts as "the most recent keys before the window"; the
+    position slope ``ε`` lets newer tokens win without the network predicting ever larger numbers.
+    Scores are float32 whatever the compute dtype: thresholds are computed on them.
+    """
+
+    def __init__(self, d_model: int, num_kv_heads: int, *, position_slope: float, param_dtype, rngs: nnx.Rngs):
+        self.position_slope = position_slope
+        self.w_score = param(rngs, nnx.initializers.zeros_init(), (d_model, num_kv_heads), ("embed", "kv_heads"),
+                             param_dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x ``[batch, seq, d_model]``, positions ``[batch, seq]`` -> scores float32 ``[batch, seq, kv_heads]``."""
+        u = jnp.einsum("bsm,mh->bsh", x.astype(jnp.float32), self.w_score[...].astype(jnp.float32))
+        return u + self.position_slope * positions.astype(jnp.float32)[..., None]

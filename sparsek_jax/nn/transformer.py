@@ -1,0 +1,180 @@
+"""Transformer block and decoder-only language model (Flax NNX)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsek_jax import kv_cache
+from sparsek_jax.nn.attention import SparseKAttention
+from sparsek_jax.nn.config import ModelConfig
+from sparsek_jax.nn.params import param
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), ("embed",), param_dtype)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, init = config, nnx.initializers.lecun_normal()
+        self.dtype = c.compute_dtype
+        self.gate = param(rngs, init, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.params_dtype)
+        self.up = param(rngs, init, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.params_dtype)
+        self.down = param(rngs, init, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.params_dtype)
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        hidden = jax.nn.silu(x @ self.gate[...].astype(self.dtype)) * (x @ self.up[...].astype(self.dtype))
+        return hidden @ self.down[...].astype(self.dtype)
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        c = config
+        self.attention_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.params_dtype, rngs=rngs)
+        self.attention = SparseKAttention(config, kind, rngs=rngs)
+        self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.params_dtype, rngs=rngs)
+        self.mlp = GatedMLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids=None):
+        x = x + self.attention(self.attention_norm(x), positions, segment_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x, positions, cache):
+        attended, cache = self.attention.prefill(self.attention_norm(x), positions, cache)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+    def decode_step(self, x, cache):
+        attended, cache = self.attention.decode_step(self.attention_norm(x), cache)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class TransformerLM(nnx.Module):
+    """Decoder-only LM: ``TransformerLM(config, rngs=nnx.Rngs(0))(tokens)`` maps int32 ``[batch, seq]`` to
+    logits ``[batch, seq, vocab]``.
+
+    Decoding: ``cache = model.init_cache(batch)``, ``logits, cache = model.prefill(tokens, cache)`` (logits of
+    every prompt position), ``logits, cache = model.decode_step(token, cache)`` (token ``[batch]``, logits
+    ``[batch, vocab]``). With ``scan_layers`` the blocks are stacked on a leading ``layers`` axis and run under
+    ``nnx.scan`` (the caches too), so deep models compile once per block.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        self.embed = param(rngs, nnx.initializers.normal(1.0), (c.vocab_size, c.d_model), ("vocab", "embed"),
+                           c.params_dtype)
+        if c.scan_layers:
+            kind = c.layer_kinds[0]
+
+            @nnx.split_rngs(splits=c.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs):
+                return TransformerBlock(config, kind, rngs=rngs)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([TransformerBlock(config, kind, rngs=rngs) for kind in c.layer_kinds])
+        self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.params_dtype, rngs=rngs)
+        self.unembed = None if c.tie_embeddings else param(
+            rngs, nnx.initializers.lecun_normal(), (c.d_model, c.vocab_size), ("embed", "vocab"), c.params_dtype)
+
+    def _embed(self, tokens):
+        # Scaled by sqrt(d_model) so that tied embeddings give unit-scale logits at initialisation.
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
+        return x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+
+    def _logits(self, x):
+        x = self.final_norm(x).astype(self.config.compute_dtype)
+        if self.unembed is None:
+            w = self.embed[...].astype(x.dtype).T / jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+        else:
+            w = self.unembed[...].astype(x.dtype)
+        return (x @ w).astype(jnp.float32)
+
+    def _block_fn(self):
+        """A block's forward, rematerialised with the configured ``jax.checkpoint`` policy."""
+        def run(block, x, positions, segment_ids):
+            return block(x, positions, segment_ids)
+
+        if self.config.remat == "none":
+            return run
+        return nnx.remat(run, policy=getattr(jax.checkpoint_policies, self.config.remat))
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens int ``[batch, seq]`` -> logits float32 ``[batch, seq, vocab]``. ``positions`` default to
+        ``0..seq-1`` (restart them per document for packed inputs); ``segment_ids`` separate documents."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = self._embed(tokens)
+        run = self._block_fn()
+        if self.config.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def scan_blocks(block, x):
+                return run(block, x, positions, segment_ids)
+
+            x = scan_blocks(self.blocks, x)
+        else:
+            for block in self.blocks:
+                x = run(block, x, positions, segment_ids)
+        return self._logits(x)
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+    def init_cache(self, batch_size: int):
+        """Per-layer caches (a tuple, or one cache stacked on a leading layer axis with ``scan_layers``)."""
+        if self.config.scan_layers:
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(block):
+                return block.attention.init_cache(batch_size)
+
+            return stacked(self.blocks)
+        return tuple(block.attention.init_cache(batch_size) for block in self.blocks)
+
+    def _run_layers(self, method: str, x, cache, *args):
+        if self.config.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def scan_blocks(block, x, layer_cache):
+                return getattr(block, method)(x, *args, layer_cache)
+
+            return scan_blocks(self.blocks, x, cache)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = getattr(block, method)(x, *args, layer_cache)
+            new_cache.append(layer_cache)
+        return x, tuple(new_cache)
+
+    def prefill(self, tokens: jax.Array, cache):
+        """Runs the prompt ``[batch, n]`` through the model and fills the (empty) cache: returns the logits of
+        every prompt position ``[batch, n, vocab]`` and the cache."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x, cache = self._run_layers("prefill", self._embed(tokens), cache, positions)
+        return self._logits(x), cache
+
+    def decode_step(self, token: jax.Array, cache):
+        """The next token ``[batch]`` -> its logits ``[batch, vocab]`` and the updated cache."""
+        x, cache = self._run_layers("decode_step", self._embed(token), cache)
+        return self._logits(x), cache
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by a model's cache (any nesting of ``AttentionCache``)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+__all__ = ["RMSNorm", "GatedMLP", "TransformerBlock", "TransformerLM", "cache_nbytes", "kv_cache"]
