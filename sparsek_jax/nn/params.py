@@ -14,4 +14,4 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, 
     """
     if len(axes) != len(shape):
         raise ValueError(f"axes: expected {len(shape)} logical names for shape {shape}, received {axes}")
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
