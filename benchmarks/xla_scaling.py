@@ -62,12 +62,10 @@ def plot(rows, path: Path, title: str):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for impl, marker in (("xla", "o"), ("reference", "s")):
-        pts = [r for r in rows if r.get(f"{impl}_ms") is not None]
-        if not pts:
-            continue
-        seqs = [r["seq"] for r in pts]
-        axes[0].plot(seqs, [r[f"{impl}_ms"] for r in pts], marker=marker, label=impl)
-        axes[1].plot(seqs, [r[f"{impl}_mib"] for r in pts], marker=marker, label=impl)
+        ran = [r for r in rows if r.get(f"{impl}_ms") is not None]
+        axes[0].plot([r["seq"] for r in ran], [r[f"{impl}_ms"] for r in ran], marker=marker, label=impl)
+        # Memory comes from the compiled program, so it is known even where the program was not run.
+        axes[1].plot([r["seq"] for r in rows], [r[f"{impl}_mib"] for r in rows], marker=marker, label=impl)
     seqs = [r["seq"] for r in rows]
     for ax, key in ((axes[0], "xla_ms"), (axes[1], "xla_mib")):
         base = rows[0][key]
