@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # python3.12 from PATH, else from pyenv's versions directory.
 PYTHON312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
 
-.PHONY: demo test venv clean
+.PHONY: demo tour test venv clean
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (put python3.12 on PATH or set PYTHON312=/path/to/python3.12)" >&2; exit 1; fi
@@ -17,8 +17,18 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The main job on its embedded default: data (State of the Union corpus, offline), training, evaluation,
+# generation and the loss plot. Rerunning resumes from the newest checkpoint.
 demo: venv
-	$(PY) -m sparsek_jax.demo --out runs/demo
+	$(VENV)/bin/sparsek-train configs/demo.yaml
+	$(VENV)/bin/sparsek-eval configs/demo.yaml checkpoint=runs/demo
+	$(VENV)/bin/sparsek-generate configs/demo.yaml checkpoint=runs/demo prompt="The state of the Union is"
+	$(VENV)/bin/sparsek-plot runs/demo
+	@echo "outputs in runs/demo: metrics.jsonl, loss.png, eval.json, checkpoints/, config.yaml"
+
+# A tour of the operator and the attention (prints, and plots the selection pattern).
+tour: venv
+	$(PY) -m sparsek_jax.demo --out runs/tour
 
 test: venv
 	$(PY) -m pytest -n 2 -m "not gpu and not tpu" tests

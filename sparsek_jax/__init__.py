@@ -22,3 +22,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # sk.nn (Flax) and sk.data (TFDS, grain) load on first use: the functional core imports neither.
+    if name in ("nn", "data"):
+        import importlib
+
+        return importlib.import_module(f"sparsek_jax.{name}")
+    raise AttributeError(f"module 'sparsek_jax' has no attribute {name!r}")

@@ -34,11 +34,16 @@ def test_overrides_and_inheritance(tmp_path):
     (["data.seq_lenn=3"], r"data.seq_lenn: unknown key \(known keys: batch_size,"),
     (["data.seq_len=abc"], "data.seq_len: expected int, received 'abc'"),
     (["data.seq_len=1.5"], "data.seq_len: expected int, received 1.5"),
-    (["model=3"], "model: unknown key"),
+    (["modle.topk=3"], "modle: unknown key"),
+    (["model=3"], "model: expected a mapping, received 3"),
+    (["model.num_heads=5", "model.num_kv_heads=2"], "model.num_heads: expected a multiple of num_kv_heads=2"),
+    (["model.attention=flash"], "model.attention: expected one of 'dense', 'sliding', 'sparsek'"),
+    (["train.accumulate=3"], r"train.accumulate: expected a divisor of data.batch_size=8"),
+    (["train.mesh.pipeline=2"], "train.mesh.pipeline: unknown key"),
     (["data.seq_len"], "override 'data.seq_len': expected key.sub=value"),
 ])
 def test_bad_values_name_the_key(tmp_path, overrides, match):
-    (tmp_path / "run.yaml").write_text("data:\n  seq_len: 64\n")
+    (tmp_path / "run.yaml").write_text("data:\n  seq_len: 64\n  batch_size: 8\n")
     with pytest.raises(ConfigError, match=match):
         load_config(tmp_path / "run.yaml", overrides)
 

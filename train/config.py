@@ -34,9 +34,109 @@ class DataConfig:
     seed: int = 0
 
 
+def _model_section():
+    """The ``model`` section: every ``sparsek_jax.nn.ModelConfig`` field, with ``vocab_size`` taken from the
+    tokenizer when left out."""
+    from sparsek_jax.nn.config import ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    fields = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "vocab_size":
+            fields.append(("vocab_size", int | None, dataclasses.field(default=None)))
+        else:
+            fields.append((f.name, hints[f.name], dataclasses.field(default=f.default)))
+    section = dataclasses.make_dataclass("ModelSection", fields, frozen=True)
+    section.__module__ = __name__
+    return section
+
+
+ModelSection = _model_section()
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes; -1 takes the devices left over (at most one axis may say -1)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/run"
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    min_learning_rate_ratio: float = 0.1   # cosine decay ends at this fraction of the peak
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    accumulate: int = 1                    # microbatches per step (gradient accumulation)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0                    # 0: evaluate only at the end
+    eval_batches: int = 4                  # batches per evaluation during training
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    tensorboard: bool = False
+    distributed: bool = False              # call jax.distributed.initialize() (multi-host)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    lengths: tuple[int, ...] = ()          # evaluation window lengths; () means (data.eval_seq_len,)
+    max_windows_per_doc: int | None = None
+    batch_size: int = 4
+    output: str | None = None              # JSON path; default RUN_DIR/eval.json
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    checkpoint: str | None = None          # sparsek-eval / sparsek-generate: a run dir or a checkpoint step dir
+    prompt: str | None = None              # sparsek-generate
+
+    def __post_init__(self):
+        self.model_config(vocab_size=self.model.vocab_size or 1)  # validates the model section at load time
+        for name in ("seq_len", "batch_size", "eval_seq_len", "eval_batch_size", "vocab_size"):
+            if getattr(self.data, name) < 1:
+                raise ConfigError(f"data.{name}: expected a positive int, received {getattr(self.data, name)}")
+        for name in ("steps", "accumulate", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name}: expected a positive int, received {getattr(self.train, name)}")
+        if self.data.batch_size % self.train.accumulate:
+            raise ConfigError(f"train.accumulate: expected a divisor of data.batch_size={self.data.batch_size}, "
+                              f"received {self.train.accumulate}")
+        if self.train.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate: expected > 0, received {self.train.learning_rate}")
+
+    def model_config(self, vocab_size: int):
+        """The ``ModelConfig`` of this run (``vocab_size`` from the tokenizer unless set)."""
+        from sparsek_jax.nn.config import ModelConfig
+
+        values = dataclasses.asdict(self.model)
+        values["vocab_size"] = values["vocab_size"] or vocab_size
+        try:
+            return ModelConfig(**values)
+        except ValueError as error:
+            raise ConfigError(str(error).replace("ModelConfig.", "model.")) from None
 
 
 def _read_yaml(path: Path) -> dict:

@@ -1,0 +1,194 @@
+"""The training app end to end on CPU: configs, train/checkpoint/resume/eval, exact resume, sharding on 8
+fake devices, signals and bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsek_jax.nn import TransformerLM
+from train.config import load_config
+from train.trainer import train
+
+ROOT = Path(__file__).parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+TINY_MODEL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+              "model.head_dim=8", "model.mlp_dim=48", "model.topk=4", "model.window=4", "model.block_size=8",
+              "model.buffer_size=16", "model.scan_layers=false", "model.remat=none", "model.dtype=float32"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_builds_a_tiny_model(path):
+    config = load_config(path, TINY_MODEL + ["model.implementation=xla"])
+    model = TransformerLM(config.model_config(vocab_size=97), rngs=nnx.Rngs(0))
+    logits = nnx.jit(lambda m, t: m(t))(model, jnp.zeros((1, 16), jnp.int32))
+    assert logits.shape == (1, 16, 97) and bool(jnp.isfinite(logits).all())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    rng = np.random.default_rng(0)
+    words = "the state of the union is strong and congress shall make laws for the people of the nation".split()
+    for i in range(16):
+        (root / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=300)))
+    return root
+
+
+def run_overrides(corpus, data_dir, run_dir, **extra):
+    values = {"data.dataset": "text_files", "data.source_path": str(corpus), "data.data_dir": str(data_dir),
+              "data.vocab_size": 300, "data.seq_len": 32, "data.batch_size": 4, "data.eval_seq_len": 64,
+              "data.eval_batch_size": 2, "train.run_dir": str(run_dir), "train.log_every": 1,
+              "train.warmup_steps": 2, "train.learning_rate": 0.01, "train.eval_batches": 1,
+              "train.async_checkpoints": "false", "model.implementation": "xla"}
+    values.update(extra)
+    return TINY_MODEL + [f"{k}={v}" for k, v in values.items()]
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_train_checkpoint_resume_eval(corpus, tmp_path):
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    config = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{
+        "train.steps": 3, "train.checkpoint_every": 2}))
+    summary = train(config, log=lambda m: None, show_progress=False)
+    assert summary["step"] == 3 and not summary["interrupted"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert "eval_loss" in records[-1] and records[-1]["step"] == 3
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert load_config(run_dir / "config.yaml") == config  # the resolved config is saved with the run
+    # Resume to step 5 from the newest checkpoint.
+    more = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{"train.steps": 5}))
+    assert train(more, log=lambda m: None, show_progress=False)["step"] == 5
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+    # Evaluate the checkpoint: JSON by position bucket, beyond the training context.
+    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(ROOT / "configs/demo.yaml"),
+                             *run_overrides(corpus, data_dir, run_dir), f"checkpoint={run_dir}",
+                             "eval.lengths=[32, 64]", "eval.batch_size=2"], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["checkpoint_step"] == 5
+    assert [r["length"] for r in report["results"]] == [32, 64]
+    for r in report["results"]:
+        assert r["tokens"] > 0 and r["bits_per_byte"] > 0 and np.isfinite(r["perplexity"])
+        assert sum(b["tokens"] for b in r["buckets"]) == r["tokens"]
+    assert "(beyond training context)" in result.stdout
+    generated = subprocess.run([sys.executable, "-m", "train.generate_cli", str(ROOT / "configs/demo.yaml"),
+                                *run_overrides(corpus, data_dir, run_dir), f"checkpoint={run_dir}",
+                                "prompt=the state of", "generate.max_new_tokens=8"], capture_output=True, text=True,
+                               timeout=600, cwd=ROOT)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.startswith("the state of")
+    plotted = subprocess.run([sys.executable, "-m", "train.plot", str(run_dir)], capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+    assert plotted.returncode == 0 and (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resumed_run_has_the_same_losses(corpus, tmp_path):
+    data_dir = tmp_path / "data"
+    straight = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, tmp_path / "a",
+                                                                    **{"train.steps": 6}))
+    train(straight, log=lambda m: None, show_progress=False)
+    first = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, tmp_path / "b", **{
+        "train.steps": 3, "train.checkpoint_every": 3}))
+    train(first, log=lambda m: None, show_progress=False)
+    second = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, tmp_path / "b", **{
+        "train.steps": 6, "train.checkpoint_every": 3}))
+    train(second, log=lambda m: None, show_progress=False)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import jax
+from jax.sharding import PartitionSpec as P
+from sparsek_jax import data
+from train import app
+from train.config import load_config
+from train.trainer import make_train_step
+config = load_config(sys.argv[1], sys.argv[2:])
+session = app.build_session(config, with_optimizer=True, log=lambda m: None)
+attention = session.model.blocks[0].attention
+specs = {"q_proj": attention.q_proj[...].sharding.spec, "embed": session.model.embed[...].sharding.spec,
+         "w_score": attention.scorer.w_score[...].sharding.spec, "mlp_down": session.model.blocks[0].mlp.down[...].sharding.spec}
+packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
+iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=0))
+step = make_train_step(config.train.accumulate)
+with jax.set_mesh(session.mesh):
+    losses = []
+    for _ in range(2):
+        batch = data.global_batch(next(iterator), session.batch_sharding)
+        losses.append(float(step(session.model, session.optimizer, batch)["loss"]))
+    specs["batch"] = batch["inputs"].sharding.spec
+print(json.dumps({"devices": jax.device_count(), "mesh": dict(session.mesh.shape), "losses": losses,
+                  "specs": {k: str(v) for k, v in specs.items()}}))
+"""
+
+
+def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path):
+    overrides = run_overrides(corpus, tmp_path / "data", tmp_path / "run", **{"data.batch_size": 8})
+
+    def run(devices, mesh):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(ROOT / "configs/demo.yaml"), *overrides,
+                                 *mesh], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    sharded = run(8, ["train.mesh.data=2", "train.mesh.fsdp=2", "train.mesh.tensor=2"])
+    assert sharded["devices"] == 8 and sharded["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    # Parameters sharded as their logical axes declare (embed->fsdp, heads/mlp/vocab->tensor); batches over
+    # data and fsdp.
+    assert sharded["specs"] == {"q_proj": "P('fsdp', 'tensor')", "embed": "P('tensor', 'fsdp')",
+                                "w_score": "P('fsdp', 'tensor')", "mlp_down": "P('tensor', 'fsdp')",
+                                "batch": "P(('data', 'fsdp'),)"}
+    single = run(1, [])
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-4)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = run_overrides(corpus, tmp_path / "data", run_dir, **{"train.steps": 100000,
+                                                                    "train.checkpoint_every": 100000})
+    process = subprocess.Popen([sys.executable, "-m", "train.trainer", str(ROOT / "configs/demo.yaml"), *overrides],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "stopped by signal" in out
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] >= 1
+    resumed = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir, **{
+        "train.steps": saved[0] + 1}))
+    summary = train(resumed, log=lambda m: None, show_progress=False)
+    assert summary["step"] == saved[0] + 1
+
+
+def test_bad_config_exits_with_status_2_naming_the_key():
+    for argv, key in ((["train.stepz=3"], "train.stepz: unknown key"),
+                      (["train.steps=many"], "train.steps: expected int, received 'many'")):
+        result = subprocess.run([sys.executable, "-m", "train.trainer", str(ROOT / "configs/demo.yaml"), *argv],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert result.returncode == 2
+        assert key in result.stderr

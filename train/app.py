@@ -1,0 +1,105 @@
+"""What the command-line tools share: parsing a run config, preparing data, building the sharded model and
+optimizer, and restoring a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import optax
+from flax import nnx
+
+from train.checkpointing import RunCheckpoints, resolve_checkpoint
+from train.config import ConfigError, RunConfig, load_config
+from train.sharding import batch_sharding, create_sharded, make_mesh
+
+
+def parse_config(prog: str, description: str, argv=None) -> tuple[RunConfig | None, int]:
+    """``PROG CONFIG [key.sub=value ...]``; returns ``(config, 0)`` or ``(None, 2)`` after printing the error."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="run config YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides), 0
+    except ConfigError as error:
+        print(f"{prog}: config error: {error}", file=sys.stderr)
+        return None, 2
+
+
+def learning_rate_schedule(config: RunConfig):
+    t = config.train
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.learning_rate, warmup_steps=min(t.warmup_steps, t.steps - 1),
+        decay_steps=t.steps, end_value=t.learning_rate * t.min_learning_rate_ratio)
+
+
+def optimizer_transform(config: RunConfig):
+    """AdamW with warmup + cosine decay and global-norm clipping; no weight decay on vectors (norm scales)."""
+    t = config.train
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(learning_rate_schedule(config), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
+                    mask=decay_mask))
+
+
+@dataclass
+class Session:
+    config: RunConfig
+    prepared: object
+    model_config: object
+    mesh: object
+    batch_sharding: object
+    model: object
+    optimizer: object | None
+    run_dir: Path
+    step: int = 0
+
+
+def prepare(config: RunConfig, log=print):
+    import tensorflow_datasets as tfds
+
+    from sparsek_jax.data import prepare_data
+
+    tfds.disable_progress_bar()
+    d = config.data
+    quiet = jax.process_index() != 0
+    return prepare_data(dataset=d.dataset, data_dir=d.data_dir, source_path=d.source_path, text_key=d.text_key,
+                        tokenizer_path=d.tokenizer, vocab_size=d.vocab_size,
+                        log=(lambda message: None) if quiet else log)
+
+
+def build_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Session:
+    from sparsek_jax.nn import TransformerLM
+
+    prepared = prepare(config, log=log)
+    model_config = config.model_config(prepared.tokenizer.vocab_size)
+    mesh = make_mesh(config.train.mesh)
+
+    def build():
+        model = TransformerLM(model_config, rngs=nnx.Rngs(config.train.seed))
+        if not with_optimizer:
+            return model, None
+        return model, nnx.Optimizer(model, optimizer_transform(config), wrt=nnx.Param)
+
+    model, optimizer = create_sharded(mesh, build)
+    return Session(config, prepared, model_config, mesh, batch_sharding(mesh), model, optimizer,
+                   Path(config.train.run_dir))
+
+
+def load_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Session:
+    """A session whose model is restored from ``config.checkpoint`` (a run dir or a step dir)."""
+    directory, step = resolve_checkpoint(config.checkpoint)
+    session = build_session(config, with_optimizer=with_optimizer, log=log)
+    checkpoints = RunCheckpoints(directory, read_only=True)
+    with jax.set_mesh(session.mesh):
+        checkpoints.restore(step, session.model, session.optimizer)
+    checkpoints.close()
+    session.step = step
+    session.run_dir = directory.parent if directory.name == "checkpoints" else directory
+    return session

@@ -1,0 +1,187 @@
+"""``sparsek-train CONFIG [key.sub=value ...]``: trains a language model from a run config.
+
+AdamW with warmup + cosine decay, gradient clipping and optional accumulation; parameters, optimizer state and
+batches sharded over a (data, fsdp, tensor) mesh by logical axis rules; jit with donation. Checkpoints (Orbax,
+async, keep-N, atomic) every ``train.checkpoint_every`` steps and on SIGTERM / Ctrl-C; rerunning the same
+command resumes from the newest one (model, optimizer, step, data order), giving the same losses as an
+uninterrupted run. Metrics go to RUN_DIR/metrics.jsonl (and TensorBoard if asked).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sparsek_jax import data
+from train import app
+from train.checkpointing import RunCheckpoints
+from train.config import ConfigError, RunConfig, dump_config
+from train.evaluate import evaluate, make_eval_step
+from train.metrics import MetricsWriter, Progress, peak_flops, training_flops_per_token
+
+
+def next_token_loss(model, batch):
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+
+def make_train_step(accumulate: int):
+    """One optimizer step; with ``accumulate > 1`` the batch is split into microbatches whose gradients are
+    averaged under ``lax.scan`` (one microbatch's activations alive at a time)."""
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model, optimizer, batch):
+        if accumulate == 1:
+            loss, grads = nnx.value_and_grad(next_token_loss)(model, batch)
+        else:
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            micro = jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), batch)
+
+            def accumulate_one(carry, microbatch):
+                loss_sum, grad_sum = carry
+                loss, grads = jax.value_and_grad(
+                    lambda p: next_token_loss(nnx.merge(graphdef, p, rest), microbatch))(params)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), zeros), micro)
+            loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
+        grad_norm = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        return {"loss": loss, "grad_norm": grad_norm}
+
+    return train_step
+
+
+class _StopRequest:
+    """Turns SIGTERM and Ctrl-C into a request to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
+    """Runs (or resumes) training; returns a summary. Raises ``ConfigError`` / ``ValueError`` on bad input."""
+    if config.train.distributed:
+        jax.distributed.initialize()
+    is_main = jax.process_index() == 0
+    session = app.build_session(config, with_optimizer=True, log=log)
+    run_dir = session.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    t = config.train
+    prepared = session.prepared
+    packed = data.PackedSequences(prepared.splits["train"], config.data.seq_len)
+    batches = data.training_batches(packed, global_batch_size=config.data.batch_size, seed=config.data.seed)
+    iterator = iter(batches)
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", keep=t.keep_checkpoints, asynchronous=t.async_checkpoints)
+    metrics = MetricsWriter(run_dir, tensorboard=t.tensorboard, enabled=is_main)
+
+    step = 0
+    latest = checkpoints.latest_step()
+    with jax.set_mesh(session.mesh):
+        if latest is not None:
+            data_state, meta = checkpoints.restore(latest, session.model, session.optimizer)
+            iterator.set_state(data_state)
+            step = meta["step"]
+            log(f"resumed from {run_dir / 'checkpoints' / str(latest)} at step {step}")
+    model_cfg = session.model_config
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(session.model, nnx.Param)))
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_per_step = training_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
+    peak = peak_flops()
+    log(f"model: {params / 1e6:.2f}M parameters, layers {model_cfg.layer_kinds}, mesh "
+        f"{dict(session.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"{len(packed):,} training sequences of {config.data.seq_len} tokens")
+
+    train_step = make_train_step(t.accumulate)
+    eval_step = make_eval_step()
+    eval_windows = data.DocumentWindows(prepared.splits["validation"], config.data.eval_seq_len)
+    stop = _StopRequest()
+    progress = Progress(t.steps, step, enabled=is_main and show_progress)
+    interval_start, interval_steps = time.perf_counter(), 0
+    last = {}
+    try:
+        with jax.set_mesh(session.mesh):
+            while step < t.steps and stop.signal is None:
+                batch = data.global_batch(next(iterator), session.batch_sharding)
+                out = train_step(session.model, session.optimizer, batch)
+                step += 1
+                interval_steps += 1
+                if step % t.log_every == 0 or step == t.steps:
+                    loss = float(out["loss"])  # waits for the step
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_s = interval_steps * tokens_per_step / elapsed
+                    record = {"step": step, "loss": loss, "grad_norm": float(out["grad_norm"]),
+                              "learning_rate": float(app.learning_rate_schedule(config)(step - 1)),
+                              "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
+                              "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
+                                      if peak else None)}
+                    metrics.write(record)
+                    progress.update(interval_steps, loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                    interval_start, interval_steps, last = time.perf_counter(), 0, record
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    result = evaluate(session.model, eval_windows, batch_size=config.data.eval_batch_size,
+                                      bytes_per_token=prepared.splits["validation"].bytes_per_token,
+                                      sharding=session.batch_sharding, max_batches=t.eval_batches, step_fn=eval_step)
+                    metrics.write({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+                                   "eval_bits_per_byte": result["bits_per_byte"]})
+                if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
+                    checkpoints.save(step, session.model, session.optimizer, iterator.get_state(),
+                                     {"step": step, "seed": t.seed}, force=True)
+            interrupted = stop.signal is not None and step < t.steps
+            final = None
+            if not interrupted:
+                final = evaluate(session.model, eval_windows, batch_size=config.data.eval_batch_size,
+                                 bytes_per_token=prepared.splits["validation"].bytes_per_token,
+                                 sharding=session.batch_sharding, max_batches=t.eval_batches, step_fn=eval_step)
+                metrics.write({"step": step, "eval_loss": final["loss"], "eval_perplexity": final["perplexity"],
+                               "eval_bits_per_byte": final["bits_per_byte"]})
+    finally:
+        progress.close()
+        stop.restore()
+        checkpoints.close()  # waits for the asynchronous save to land
+        metrics.close()
+    if interrupted:
+        log(f"stopped by signal at step {step}; checkpoint saved. Run the same command again to resume.")
+    else:
+        log(f"done: step {step}, train loss {last.get('loss', float('nan')):.4f}, held-out loss "
+            f"{final['loss']:.4f} (perplexity {final['perplexity']:.1f}, {final['bits_per_byte']:.3f} bits/byte on "
+            f"{final['tokens']:,} tokens)")
+    log(f"outputs: {run_dir}/metrics.jsonl, {run_dir}/checkpoints/, {run_dir}/config.yaml")
+    return {"step": step, "interrupted": interrupted, "last": last, "eval": final, "run_dir": str(run_dir)}
+
+
+def main(argv=None) -> int:
+    config, code = app.parse_config("sparsek-train", __doc__, argv)
+    if config is None:
+        return code
+    try:
+        summary = train(config)
+    except ConfigError as error:
+        print(f"sparsek-train: config error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k in ("step", "interrupted", "run_dir")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
