@@ -21,12 +21,15 @@ from sparsek_jax import data
 
 
 def bucket_edges(length: int) -> list[int]:
-    """0, 1k, 2k, 4k, ... up to ``length`` (positions of the predicting token inside its window)."""
-    edges = [0, 1024]
-    while edges[-1] < length:
+    """Doubling buckets of the predicting token's position inside its window: 0-1k, 1k-2k, 2k-4k, ... for
+    long windows; a window shorter than 4k starts at a quarter of its length (e.g. 0-256, 256-512, 512-1k)."""
+    base = 1024
+    while base > 1 and base * 4 > length:
+        base //= 2
+    edges = [0, base]
+    while edges[-1] * 2 < length:
         edges.append(edges[-1] * 2)
-    edges[-1] = max(edges[-1], length)
-    return [e for e in edges if e < length] + [length]
+    return edges + [length] if edges[-1] < length else edges
 
 
 def _label(lo: int, hi: int) -> str:

@@ -76,8 +76,11 @@ class TransformerLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = self.config = config
-        self.embed = param(rngs, nnx.initializers.normal(1.0), (c.vocab_size, c.d_model), ("vocab", "embed"),
-                           c.params_dtype)
+        # std 1/sqrt(d_model): scaled by sqrt(d_model) on input, embeddings enter the residual at unit scale,
+        # and the tied output gives every token, the input token included, a logit of O(1) at initialisation
+        # (with std 1 the input token would get a logit of sqrt(d_model) and the initial loss would exceed ln V).
+        self.embed = param(rngs, nnx.initializers.normal(c.d_model ** -0.5), (c.vocab_size, c.d_model),
+                           ("vocab", "embed"), c.params_dtype)
         if c.scan_layers:
             kind = c.layer_kinds[0]
 
@@ -94,7 +97,6 @@ class TransformerLM(nnx.Module):
             rngs, nnx.initializers.lecun_normal(), (c.d_model, c.vocab_size), ("embed", "vocab"), c.params_dtype)
 
     def _embed(self, tokens):
-        # Scaled by sqrt(d_model) so that tied embeddings give unit-scale logits at initialisation.
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
         return x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
 
