@@ -63,14 +63,15 @@ def _resolve_implementation(implementation: str) -> str:
     return best
 
 
-_AVAILABLE = {"reference", "xla"}
+_AVAILABLE = {"reference", "xla", "pallas_gpu"}
 _warned_fallback: set[str] = set()
 
 
 def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *, topk: int,
                       window: int, gate: str = "value", segment_ids: jax.Array | None = None,
                       scale: float | None = None, implementation: str = "reference",
-                      block_size: int | None = None, buffer_size: int | None = None) -> jax.Array:
+                      block_size: int | None = None, buffer_size: int | None = None,
+                      interpret: bool = False) -> jax.Array:
     """Causal SparseK attention with a sliding window.
 
     Query ``i`` attends with one softmax to its window ``W_i = {j : i - window < j <= i}`` (gate 1) and to
@@ -91,8 +92,10 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
         must be contiguous runs (as produced by packing).
       scale: logit scale, default ``1 / sqrt(head_dim)``.
       implementation: ``"reference"`` (dense O(seq^2), the test oracle), ``"xla"`` (blocked and gathered,
-        O(seq (topk + block_size + window)) memory and time, forward and backward, any backend) or
+        O(seq (topk + block_size + window)) memory and time, forward and backward, any backend),
+        ``"pallas_gpu"`` (the forward as one fused Pallas kernel per query block, the blocked backward) or
         ``"auto"`` (the best available path for the default backend; warns once when it falls back).
+      interpret: run a Pallas kernel in interpret mode (any backend; for tests).
       block_size: queries per gathered tile of the blocked paths (default 64).
       buffer_size: top scores kept by the blocked thresholds (default ``default_buffer_size``); ``tau`` is
         exact while no key above it is dropped (see ``prefix_thresholds``).
@@ -118,11 +121,12 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
             raise ValueError(f"buffer_size: expected at least min(topk, seq)={min(topk, q.shape[1])}, "
                              f"received {buffer_size}")
     implementation = _resolve_implementation(implementation)
-    if implementation == "xla":
+    if implementation in ("xla", "pallas_gpu"):
         return xla_sparsek_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
                                      scale=float(scale), block_size=block_size or DEFAULT_BLOCK_SIZE,
-                                     buffer_size=buffer_size)
+                                     buffer_size=buffer_size, forward=implementation, interpret=interpret)
     if implementation != "reference":
-        raise NotImplementedError(f"implementation={implementation!r} is not built yet; use 'xla' or 'auto'")
+        raise NotImplementedError(f"implementation={implementation!r} is not built yet; use 'xla', 'pallas_gpu' "
+                                  "or 'auto'")
     return _reference_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
                                 scale=float(scale))

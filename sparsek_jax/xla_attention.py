@@ -48,6 +48,9 @@ class _Config(NamedTuple):
     scale: float
     block_size: int
     buffer_size: int
+    forward: str = "xla"       # "xla" (blocked einsums) or "pallas_gpu" (fused kernel); the backward is shared
+    interpret: bool = False    # run the Pallas kernel in interpret mode
+    block_k: int = 64          # keys per kernel step
 
 
 class _Tiles(NamedTuple):
@@ -151,6 +154,9 @@ def _thresholds(scores, segments, cfg: _Config) -> BlockedThresholds | None:
 def _forward(q, k, v, scores, segments, cfg: _Config):
     scores = lax.stop_gradient(scores.astype(jnp.float32))
     th = _thresholds(scores, segments, cfg)
+    if cfg.forward == "pallas_gpu":
+        out, lse = _pallas_forward(q, k, v, scores, segments, th, cfg)
+        return out, lse, th
     t = _build_tiles(q, k, v, scores, segments, th, cfg)
     s = _logits(t, cfg)
     row_max = jnp.max(s, axis=-1, keepdims=True)
@@ -163,6 +169,51 @@ def _forward(q, k, v, scores, segments, cfg: _Config):
     out = jnp.einsum("zhcbgl,zhcld->zhcbgd", probs, t.v)
     lse = jnp.where(total > 0, row_max + jnp.log(jnp.where(total > 0, total, 1.0)), 0.0)[..., 0]
     return out, lse, th
+
+
+def _pallas_forward(q, k, v, scores, segments, th, cfg: _Config):
+    """Lays the arrays out for ``pallas_kernels.gpu.sparsek_forward`` and calls it; returns the output and
+    log-sum-exp in the blocked layout ``[b, hkv, nb, B, G, (d)]`` that the shared backward pass reads."""
+    from pallas_kernels.gpu import sparsek_forward
+
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    B, w, bk = cfg.block_size, cfg.window, cfg.block_k
+    nb = -(-seq // B)
+    rows = B * group
+    # Keys padded by the window on the left and by a full key step past the last block on the right, so every
+    # contiguous slice the kernel reads is in bounds.
+    right = nb * B + bk - seq
+    pad_keys = lambda x, value=0: jnp.pad(jnp.moveaxis(x, 1, 2), [(0, 0), (0, 0), (w, right)] + [(0, 0)] * (x.ndim - 3),
+                                          constant_values=value)
+    k_padded = pad_keys(k.astype(q.dtype))
+    v_padded = pad_keys(v.astype(q.dtype))
+    u_padded = pad_keys(scores)
+    seg_padded = pad_keys(jnp.broadcast_to(segments[:, :, None], (batch, seq, kv_heads)), -1)
+    q_tiles = _blocks(q, nb, B).reshape(batch, nb, B, kv_heads, group, head_dim).transpose(0, 3, 1, 2, 4, 5)
+    q_tiles = q_tiles.reshape(batch, kv_heads, nb, rows, head_dim)
+
+    def per_row(x, fill):  # [b, seq, hkv] -> [b, hkv, nb, B * G]
+        x = _blocks(x, nb, B, fill).transpose(0, 3, 1, 2)
+        return jnp.repeat(x, group, axis=-1)
+
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :, None], (batch, seq, kv_heads))
+    query_pos = per_row(positions, seq)
+    query_seg = per_row(jnp.broadcast_to(segments[:, :, None], (batch, seq, kv_heads)), -2)
+    if cfg.topk > 0:
+        tau, theta, theta_pos = per_row(th.tau, jnp.inf), per_row(th.theta, jnp.inf), per_row(th.theta_pos, seq)
+        anchors = th.anchors
+        extra = -anchors.shape[-1] % bk
+        anchors = jnp.pad(anchors, [(0, 0)] * 3 + [(0, extra)], constant_values=-1)
+    else:
+        tau = theta = jnp.full(query_pos.shape, jnp.inf, jnp.float32)
+        theta_pos = jnp.full(query_pos.shape, seq, jnp.int32)
+        anchors = jnp.zeros((batch, kv_heads, nb, 0), jnp.int32)
+    out, lse = sparsek_forward(q_tiles, k_padded, v_padded, u_padded, seg_padded, query_pos, query_seg, tau, theta,
+                               theta_pos, anchors, seq=seq, window=w, block_q=B, block_k=bk, scale=cfg.scale,
+                               gate_mode=cfg.gate, interpret=cfg.interpret)
+    return (out.reshape(batch, kv_heads, nb, B, group, head_dim), lse.reshape(batch, kv_heads, nb, B, group))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -268,15 +319,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def xla_sparsek_attention(q, k, v, scores, segment_ids=None, *, topk: int, window: int, gate: str,
-                          scale: float, block_size: int = DEFAULT_BLOCK_SIZE, buffer_size: int | None = None):
+                          scale: float, block_size: int = DEFAULT_BLOCK_SIZE, buffer_size: int | None = None,
+                          forward: str = "xla", interpret: bool = False):
     """Blocked SparseK attention (see the module docstring); arguments as in ``sparsek_attention``,
     already validated. ``block_size`` queries share one gathered tile; ``buffer_size`` is the thresholds'
-    bounded buffer (default ``default_buffer_size``)."""
+    bounded buffer (default ``default_buffer_size``). ``forward="pallas_gpu"`` runs the forward pass as the
+    fused Pallas kernel (``interpret=True``: in interpret mode on any backend); the backward pass is the
+    blocked one either way."""
     batch, seq = q.shape[:2]
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
     if buffer_size is None:
         buffer_size = default_buffer_size(max(topk, 1), seq)
     cfg = _Config(topk=topk, window=window, gate=gate, scale=float(scale), block_size=block_size,
-                  buffer_size=buffer_size)
+                  buffer_size=buffer_size, forward=forward, interpret=interpret)
     return _attention(q, k, v, scores, segments, cfg)

@@ -104,9 +104,9 @@ def test_auto_uses_xla_on_cpu_and_warns_once_when_falling_back(rng, monkeypatch)
         warnings.simplefilter("error")
         auto = sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="auto")
     np.testing.assert_allclose(auto, sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla"))
-    monkeypatch.setattr(attention_module.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_module.jax, "default_backend", lambda: "tpu")
     monkeypatch.setattr(attention_module, "_warned_fallback", set())
-    with pytest.warns(UserWarning, match="'pallas_gpu' is not available on gpu; using 'xla'"):
+    with pytest.warns(UserWarning, match="'pallas_tpu' is not available on tpu; using 'xla'"):
         sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,0 +1,160 @@
+"""SparseK attention on a GPU against cuDNN dense and cuDNN sliding-window attention, in one process.
+
+    python -m benchmarks.gpu_attention            # on the H200: all cases below (~10 minutes)
+    python -m benchmarks.gpu_attention --quick    # a few cases
+
+bf16, causal, batch x seq = 65,536 tokens per call, median of 10 after warm-up. Everything is included for
+SparseK: scores -> thresholds -> attention (forward), and the backward to q, k, v and the scores.
+The sliding-window baseline attends to the same number of keys per query (``topk + window``).
+Effective TFLOP/s counts 4 * heads * head_dim * (keys attended) per query (x 3.5 for forward+backward, the
+FlashAttention convention) so that dense and sparse numbers compare as work actually done.
+Writes benchmarks/results/gpu_attention.json and docs/images/gpu_attention.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparsek_jax as sk
+from benchmarks import reporting
+
+TOKENS = 65536
+
+
+def time_ms(fn, *args, repeats=10):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def make_inputs(seq, q_heads, kv_heads, head_dim, seed=0):
+    batch = max(TOKENS // seq, 1)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, seq, q_heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
+    # Scores as a trained scorer gives them: noise plus the position slope.
+    u = jax.random.normal(keys[3], (batch, seq, kv_heads), jnp.float32) + 1e-3 * jnp.arange(seq)[None, :, None]
+    return q, k, v, u
+
+
+def attention_fns(kind, *, topk, window, implementation):
+    if kind == "sparsek":
+        f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=topk, window=window,
+                                                    implementation=implementation)
+    elif kind == "dense":
+        f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    else:
+        f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                                            local_window_size=(topk + window - 1, 0))
+    forward = jax.jit(f)
+    argnums = (0, 1, 2, 3) if kind == "sparsek" else (0, 1, 2)
+    both = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=argnums))
+    return forward, both
+
+
+def keys_per_query(kind, seq, topk, window):
+    if kind == "dense":
+        return (seq + 1) / 2
+    keys = topk + window
+    return sum(min(p + 1, keys) for p in range(0, seq, max(seq // 4096, 1))) / len(range(0, seq, max(seq // 4096, 1)))
+
+
+def run_case(seq, q_heads, kv_heads, head_dim, topk, window, implementation, repeats):
+    q, k, v, u = make_inputs(seq, q_heads, kv_heads, head_dim)
+    row = {"seq": seq, "batch": q.shape[0], "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
+           "topk": topk, "window": window}
+    for kind in ("sparsek", "dense", "sliding"):
+        forward, both = attention_fns(kind, topk=topk, window=window, implementation=implementation)
+        try:
+            row[f"{kind}_fwd_ms"] = time_ms(forward, q, k, v, u, repeats=repeats)
+            row[f"{kind}_fwdbwd_ms"] = time_ms(both, q, k, v, u, repeats=repeats)
+        except Exception as error:  # report, keep going (e.g. out of memory at the longest lengths)
+            row[f"{kind}_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            print(f"  {kind} failed: {row[f'{kind}_error']}", flush=True)
+            continue
+        flops = 4 * q.shape[0] * seq * q_heads * head_dim * keys_per_query(kind, seq, topk, window)
+        row[f"{kind}_fwd_tflops"] = flops / row[f"{kind}_fwd_ms"] / 1e9
+        row[f"{kind}_fwdbwd_tflops"] = 3.5 * flops / row[f"{kind}_fwdbwd_ms"] / 1e9
+    for mode in ("fwd", "fwdbwd"):
+        ours = row.get(f"sparsek_{mode}_ms")
+        if ours:
+            if row.get(f"dense_{mode}_ms"):
+                row[f"speedup_vs_dense_{mode}"] = row[f"dense_{mode}_ms"] / ours
+            if row.get(f"sliding_{mode}_ms"):
+                row[f"ratio_vs_sliding_{mode}"] = ours / row[f"sliding_{mode}_ms"]
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return row
+
+
+def plot(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in rows if r["topk"] == 1024 and r["window"] == 1024 and r["kv_heads"] == r["q_heads"]
+            and r["head_dim"] == 64]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
+        for kind, marker in (("sparsek", "o"), ("dense", "s"), ("sliding", "^")):
+            pts = [r for r in main if r.get(f"{kind}_{mode}_ms")]
+            label = {"sparsek": "SparseK (k=1024, w=1024)", "dense": "cuDNN dense causal",
+                     "sliding": "cuDNN sliding window 2048"}[kind]
+            ax.plot([r["seq"] for r in pts], [r[f"{kind}_{mode}_ms"] for r in pts], marker=marker, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (batch x seq = 65,536 tokens)")
+        ax.set_ylabel("ms per call")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"{jax.devices()[0].device_kind}: 12 heads, head_dim 64, bf16")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--implementation", default="pallas_gpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    cases = [(s, 12, 12, 64, 1024, 1024) for s in (4096, 8192, 16384, 32768, 65536, 131072)]
+    cases += [(65536, 12, 4, 64, 1024, 1024), (65536, 12, 12, 128, 1024, 1024),
+              (65536, 12, 12, 64, 256, 256), (65536, 12, 12, 64, 2048, 2048)]
+    if args.quick:
+        cases = [(8192, 12, 12, 64, 1024, 1024), (65536, 12, 12, 64, 1024, 1024)]
+    config = {"tokens_per_call": TOKENS, "implementation": args.implementation, "repeats": args.repeats}
+    rows = []
+    for case in cases:
+        rows.append(run_case(*case, args.implementation, args.repeats))
+        json_path = reporting.write_json("gpu_attention", config, rows)  # after every case: partial runs count
+    png = Path(__file__).parent.parent / "docs" / "images" / "gpu_attention.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, png)
+    print(reporting.markdown_table(rows, [
+        ("seq", "seq", "d"), ("q_heads", "q heads", "d"), ("kv_heads", "kv heads", "d"), ("head_dim", "d", "d"),
+        ("topk", "topk", "d"), ("window", "window", "d"),
+        ("sparsek_fwd_ms", "SparseK fwd ms", ".2f"), ("dense_fwd_ms", "dense fwd ms", ".2f"),
+        ("sliding_fwd_ms", "sliding fwd ms", ".2f"), ("speedup_vs_dense_fwd", "fwd speedup vs dense", ".2f"),
+        ("sparsek_fwdbwd_ms", "SparseK f+b ms", ".2f"), ("dense_fwdbwd_ms", "dense f+b ms", ".2f"),
+        ("sliding_fwdbwd_ms", "sliding f+b ms", ".2f"), ("speedup_vs_dense_fwdbwd", "f+b speedup vs dense", ".2f"),
+        ("ratio_vs_sliding_fwdbwd", "f+b / sliding", ".2f"), ("sparsek_fwd_tflops", "SparseK fwd TFLOP/s", ".0f")]))
+    print(f"wrote {json_path} and {png}")
+
+
+if __name__ == "__main__":
+    main()
