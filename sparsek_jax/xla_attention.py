@@ -182,6 +182,8 @@ def _pallas_forward(q, k, v, scores, segments, th, cfg: _Config):
     B, w, bk = cfg.block_size, cfg.window, cfg.block_k
     nb = -(-seq // B)
     rows = B * group
+    # Triton tiles need power-of-two sizes: pad the query rows (e.g. 3 heads per group) with masked rows.
+    tile_rows = 1 << (rows - 1).bit_length()
     # Keys padded by the window on the left and by a full key step past the last block on the right, so every
     # contiguous slice the kernel reads is in bounds.
     right = nb * B + bk - seq
@@ -193,10 +195,11 @@ def _pallas_forward(q, k, v, scores, segments, th, cfg: _Config):
     seg_padded = pad_keys(jnp.broadcast_to(segments[:, :, None], (batch, seq, kv_heads)), -1)
     q_tiles = _blocks(q, nb, B).reshape(batch, nb, B, kv_heads, group, head_dim).transpose(0, 3, 1, 2, 4, 5)
     q_tiles = q_tiles.reshape(batch, kv_heads, nb, rows, head_dim)
+    q_tiles = jnp.pad(q_tiles, [(0, 0)] * 3 + [(0, tile_rows - rows), (0, 0)])
 
-    def per_row(x, fill):  # [b, seq, hkv] -> [b, hkv, nb, B * G]
-        x = _blocks(x, nb, B, fill).transpose(0, 3, 1, 2)
-        return jnp.repeat(x, group, axis=-1)
+    def per_row(x, fill):  # [b, seq, hkv] -> [b, hkv, nb, tile_rows]
+        x = jnp.repeat(_blocks(x, nb, B, fill).transpose(0, 3, 1, 2), group, axis=-1)
+        return jnp.pad(x, [(0, 0)] * 3 + [(0, tile_rows - rows)], constant_values=fill)
 
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :, None], (batch, seq, kv_heads))
     query_pos = per_row(positions, seq)
@@ -213,6 +216,7 @@ def _pallas_forward(q, k, v, scores, segments, th, cfg: _Config):
     out, lse = sparsek_forward(q_tiles, k_padded, v_padded, u_padded, seg_padded, query_pos, query_seg, tau, theta,
                                theta_pos, anchors, seq=seq, window=w, block_q=B, block_k=bk, scale=cfg.scale,
                                gate_mode=cfg.gate, interpret=cfg.interpret)
+    out, lse = out[:, :, :, :rows], lse[:, :, :, :rows]
     return (out.reshape(batch, kv_heads, nb, B, group, head_dim), lse.reshape(batch, kv_heads, nb, B, group))
 
 

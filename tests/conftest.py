@@ -7,7 +7,6 @@ import zlib
 import numpy as np
 import pytest
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _SESSION_SEED = int(os.environ.get("SPARSEK_TEST_SEED", np.random.SeedSequence().entropy % (2**32)))
 os.environ["SPARSEK_TEST_SEED"] = str(_SESSION_SEED)  # pytest-xdist workers inherit the same seed

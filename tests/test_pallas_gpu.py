@@ -14,6 +14,7 @@ CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented
     (35, 2, 1, 3, 5, "none", 8, True, True),
     (29, 2, 2, 0, 5, "value", 8, False, True),      # topk = 0
     (27, 4, 2, 40, 3, "value", 8, False, False),    # topk >= seq
+    (30, 6, 2, 4, 3, "value", 8, False, True),      # 3 query heads per KV head: tile rows padded to 32
 ]
 
 
