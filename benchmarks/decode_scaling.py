@@ -110,7 +110,7 @@ def main(argv=None):
     name = f"decode_scaling_{backend}"
     config = {"model": dataclasses.asdict(base), "contexts": args.contexts, "repeats": args.repeats}
     json_path = reporting.write_json(name, config, rows)
-    png = Path(__file__).parent.parent / "docs" / "images" / f"{name}.png"
+    png = reporting.image_path(name)
     plot(rows, png, f"Decoding on {backend}: {base.num_layers} layers, d_model {base.d_model}, "
                     f"SparseK topk={base.topk} window={base.window} vs dense")
     print()

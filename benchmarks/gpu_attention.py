@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import sparsek_jax as sk
 from benchmarks import reporting
@@ -142,8 +141,7 @@ def main(argv=None):
     for case in cases:
         rows.append(run_case(*case, args.implementation, args.repeats))
         json_path = reporting.write_json("gpu_attention", config, rows)  # after every case: partial runs count
-    png = Path(__file__).parent.parent / "docs" / "images" / "gpu_attention.png"
-    png.parent.mkdir(parents=True, exist_ok=True)
+    png = reporting.image_path("gpu_attention")
     plot(rows, png)
     print(reporting.markdown_table(rows, [
         ("seq", "seq", "d"), ("q_heads", "q heads", "d"), ("kv_heads", "kv heads", "d"), ("head_dim", "d", "d"),

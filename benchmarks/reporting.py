@@ -11,6 +11,13 @@ from pathlib import Path
 import jax
 
 RESULTS_DIR = Path(__file__).parent / "results"
+IMAGES_DIR = Path(__file__).parent.parent / "docs" / "images"
+
+
+def image_path(name: str) -> Path:
+    """Where a benchmark's plot goes: docs/images/<name>.png."""
+    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+    return IMAGES_DIR / f"{name}.png"
 
 
 def environment() -> dict:

@@ -128,8 +128,7 @@ def main(argv=None):
 
     name = f"xla_scaling_{backend}"
     json_path = reporting.write_json(name, config, rows)
-    png = Path(__file__).parent.parent / "docs" / "images" / f"{name}.png"
-    png.parent.mkdir(parents=True, exist_ok=True)
+    png = reporting.image_path(name)
     plot(rows, png, f"SparseK forward+backward on {backend}: topk={args.topk}, window={args.window}, "
                     f"{args.q_heads}q/{args.kv_heads}kv heads, head_dim {args.head_dim}")
     print()

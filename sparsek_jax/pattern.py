@@ -39,12 +39,8 @@ def attention_pattern(scores: jax.Array, *, topk: int, window: int,
 
     Meant for small ``seq`` (tests, plots, the reference implementation).
     """
-    validation.check_rank("scores", scores, 3, "[batch, seq, kv_heads]")
-    validation.check_float("scores", scores)
-    topk = validation.check_nonnegative_int("topk", topk)
-    window = validation.check_nonnegative_int("window", window)
+    topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
     batch, seq, kv_heads = scores.shape
-    validation.check_segment_ids(segment_ids, batch, seq)
 
     u = jnp.moveaxis(jnp.asarray(scores, jnp.float32), 2, 1)[:, :, None, :]  # [batch, kv_heads, 1, seq_k]
     i = jnp.arange(seq)[:, None]

@@ -211,12 +211,8 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
       when ``|C_i| <= topk`` (every candidate is selected with gate 1) and ``+inf`` when ``topk = 0``.
       Both are non-decreasing along ``seq`` within a document.
     """
-    validation.check_rank("scores", scores, 3, "[batch, seq, kv_heads]")
-    validation.check_float("scores", scores)
-    topk = validation.check_nonnegative_int("topk", topk)
-    window = validation.check_nonnegative_int("window", window)
+    topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
     batch, seq, kv_heads = scores.shape
-    validation.check_segment_ids(segment_ids, batch, seq)
     block_size = validation.check_nonnegative_int("block_size", block_size)
     if block_size < 1:
         raise ValueError(f"block_size: expected a positive int, received {block_size}")

@@ -89,3 +89,14 @@ def check_segment_ids(segment_ids, batch: int, seq: int) -> None:
     dtype = _dtype(segment_ids)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"segment_ids: expected an integer array, received dtype {dtype}")
+
+
+def check_selection_args(scores, topk, window, segment_ids) -> tuple[int, int]:
+    """Checks ``scores [batch, seq, kv_heads]``, ``topk``, ``window`` and ``segment_ids``; returns (topk, window)."""
+    check_rank("scores", scores, 3, "[batch, seq, kv_heads]")
+    check_float("scores", scores)
+    topk = check_nonnegative_int("topk", topk)
+    window = check_nonnegative_int("window", window)
+    batch, seq, _ = np.shape(scores)
+    check_segment_ids(segment_ids, batch, seq)
+    return topk, window
