@@ -13,8 +13,9 @@ Structure used (SPEC §1, points 2 and 4):
   largest dropped score and report, per query, whether the condition held (``ThresholdInfo.exact``).
 
 The sequence is processed in blocks of ``B`` keys under ``lax.scan``: each position of a block sees the
-buffer plus the block's keys up to itself (a ``[B, R + B]`` candidate matrix), sorts its row and reads
-``tau``/``theta`` off the sorted row with the operator's own ``threshold_of_sorted``; the last row, cut to
+buffer plus the block's keys up to itself (a ``[B, R + B]`` candidate matrix, put in order by counting ranks,
+see ``_merged_rows``) and reads ``tau``/``theta`` off its ordered row with the operator's own
+``threshold_of_sorted``; the last row, cut to
 ``R``, is the next buffer. Memory is ``O(B (R + B))`` per row of scores, time ``O(n (R + B) log(R + B))``.
 
 Ties: keys are ordered by ``(score, position)``: among equal scores the newer key ranks higher. So the
