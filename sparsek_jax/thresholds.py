@@ -99,12 +99,39 @@ def _merged_rows(buffer_scores, buffer_pos, sees_buffer, block_scores, block_pos
     return merged_scores, merged_pos
 
 
+def _sorted_desc(scores, pos):
+    """Sorts by (score, position), descending, along the last axis."""
+    neg_scores, neg_pos = lax.sort((-scores, -pos), dimension=-1, num_keys=2)
+    return -neg_scores, -neg_pos
+
+
+def _merge_summaries(a, b):
+    """Associative combine of two prefix summaries (a before b), batched over leading axes.
+
+    A summary is (scores [R], positions [R], dropped, first_segment, last_segment, reset): the top R keys
+    of the range's last document, the largest score cut from them, and whether a document starts inside.
+    """
+    a_scores, a_pos, a_dropped, a_first, a_last, a_reset = a
+    b_scores, b_pos, b_dropped, b_first, b_last, b_reset = b
+    buffer_size = a_scores.shape[-1]
+    scores, pos = _sorted_desc(jnp.concatenate([a_scores, b_scores], -1), jnp.concatenate([a_pos, b_pos], -1))
+    dropped = jnp.maximum(jnp.maximum(a_dropped, b_dropped), scores[..., buffer_size])
+    boundary = b_reset | (a_last != b_first)  # b starts (or contains) a new document: a is not its past
+    keep_b = lambda x, y: jnp.where(boundary.reshape(boundary.shape + (1,) * (x.ndim - boundary.ndim)), y, x)
+    return (keep_b(scores[..., :buffer_size], b_scores), keep_b(pos[..., :buffer_size], b_pos),
+            jnp.where(boundary, b_dropped, dropped), a_first, b_last, a_reset | boundary)
+
+
 def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_size: int, anchor_offset: int,
-                      anchor_count: int):
+                      anchor_count: int, blocks_per_step: int = 16):
     """Statistics of every key prefix of one row. scores float32 [n], segments int32 [n].
 
     Besides the per-position statistics, each block emits the positions of the top ``anchor_count`` keys of
     the prefix ending at its row ``anchor_offset`` (the attention's per-query-block candidate list).
+
+    Every block's buffer (the top R keys before it, in its document) comes from an associative scan of
+    per-block summaries (depth log(blocks)); the rows of ``blocks_per_step`` blocks are then processed at a
+    time, so the sequential depth is ``n / (B * blocks_per_step)`` steps rather than one step per block.
     """
     n = scores.shape[0]
     num_blocks = -(-n // block_size)
@@ -114,15 +141,32 @@ def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_si
     scores = jnp.pad(scores, (0, pad))
     segments = jnp.pad(segments, (0, pad), constant_values=-1)
     blocks = tuple(x.reshape(num_blocks, block_size) for x in (scores, positions, segments, valid))
+    block_scores, block_pos, block_segments, block_valid = blocks
     lower = jnp.arange(block_size)[None, :] <= jnp.arange(block_size)[:, None]
 
-    def step(carry, block):
-        buffer_scores, buffer_pos, buffer_segment, dropped = carry
-        block_scores, block_pos, block_segments, block_valid = block
-        same_doc_buffer = buffer_segment == block_segments  # [B]: row a sees the buffer
-        member = lower & (block_segments[None, :] == block_segments[:, None]) & block_valid[None, :]  # [a, b]
-        sorted_scores, sorted_pos = _merged_rows(buffer_scores, buffer_pos, same_doc_buffer, block_scores,
-                                                 block_pos, member)
+    # Per-block summaries: the block's keys of its last document, top R, sorted.
+    in_last_doc = block_valid & (block_segments == block_segments[:, -1:])
+    summary_scores, summary_pos = _sorted_desc(jnp.where(in_last_doc, block_scores, -jnp.inf),
+                                               jnp.where(in_last_doc, block_pos, -1))
+    width = max(buffer_size, block_size)
+    summary_scores = jnp.pad(summary_scores, [(0, 0), (0, width - block_size)], constant_values=-jnp.inf)
+    summary_pos = jnp.pad(summary_pos, [(0, 0), (0, width - block_size)], constant_values=-1)
+    summary = (summary_scores[:, :buffer_size], summary_pos[:, :buffer_size],
+               jnp.max(summary_scores[:, buffer_size:], axis=-1, initial=-jnp.inf),
+               block_segments[:, 0], block_segments[:, -1],
+               jnp.any(block_segments[:, 1:] != block_segments[:, :-1], axis=-1))
+    inclusive = lax.associative_scan(_merge_summaries, summary, axis=0)
+    empty = (jnp.full((1, buffer_size), -jnp.inf, jnp.float32), jnp.full((1, buffer_size), -1, jnp.int32),
+             jnp.full((1,), -jnp.inf, jnp.float32), jnp.full((1,), -2, jnp.int32), jnp.full((1,), -2, jnp.int32),
+             jnp.zeros((1,), bool))
+    buffers = tuple(jnp.concatenate([e, x[:-1]], axis=0) for e, x in zip(empty, inclusive))  # before each block
+
+    def block_statistics(inputs):
+        (buffer_scores, buffer_pos, dropped, _, buffer_segment, _), (b_scores, b_pos, b_segments, b_valid) = inputs
+        same_doc_buffer = buffer_segment == b_segments  # [B]: row a sees the buffer
+        member = lower & (b_segments[None, :] == b_segments[:, None]) & b_valid[None, :]  # [a, b]
+        sorted_scores, sorted_pos = _merged_rows(buffer_scores, buffer_pos, same_doc_buffer, b_scores, b_pos,
+                                                 member)
         count = jnp.sum(sorted_scores > -jnp.inf, axis=1)
         tau = jax.vmap(threshold_of_sorted, in_axes=(0, None))(sorted_scores, topk)
         has_cut = count > topk
@@ -131,16 +175,11 @@ def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_si
         theta_pos = jnp.where(has_cut, sorted_pos[:, kth], -1)
         gap = sorted_scores - tau[:, None]
         num_fractional = jnp.sum((gap > 0.0) & (gap < 1.0), axis=1)
-        left_out = jnp.where(same_doc_buffer, dropped, -jnp.inf)
-        exact = left_out <= tau
-        new_carry = (sorted_scores[-1, :buffer_size], sorted_pos[-1, :buffer_size], block_segments[-1],
-                     jnp.maximum(left_out[-1], sorted_scores[-1, buffer_size]))
+        exact = jnp.where(same_doc_buffer, dropped, -jnp.inf) <= tau
         anchors = sorted_pos[anchor_offset, :anchor_count]
-        return new_carry, ((tau, theta, theta_pos, num_fractional, exact), anchors)
+        return (tau, theta, theta_pos, num_fractional, exact), anchors
 
-    init = (jnp.full((buffer_size,), -jnp.inf, jnp.float32), jnp.full((buffer_size,), -1, jnp.int32),
-            jnp.int32(-2), jnp.float32(-jnp.inf))
-    _, (stats, anchors) = lax.scan(step, init, blocks)
+    stats, anchors = lax.map(block_statistics, (buffers, blocks), batch_size=min(blocks_per_step, num_blocks))
     return tuple(x.reshape(-1)[:n] for x in stats), anchors
 
 
