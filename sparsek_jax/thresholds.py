@@ -15,7 +15,8 @@ Structure used (SPEC §1, points 2 and 4):
 The sequence is processed in blocks of ``B`` keys; each block's buffer comes from an associative scan of
 per-block top-R summaries. Each position of a block sees the buffer plus the block's keys up to itself (a ``[B, R + B]`` candidate matrix, put in order by counting ranks,
 see ``_merged_rows``) and reads ``tau``/``theta`` off its ordered row with the operator's own
-``threshold_of_sorted``. Memory is ``O(B (R + B))`` per row of scores, time ``O(n (R + B) log(R + B))``.
+``threshold_of_sorted``. Memory is ``O(n R / B + 16 B (R + B))`` per row of scores (the block summaries and
+16 blocks of rows at a time), time ``O(n (R + B) log(R + B))``.
 
 Ties: keys are ordered by ``(score, position)``: among equal scores the newer key ranks higher. So the
 selection ``j in S_i  <=>  (u_j, j) >= (theta_i, theta_pos_i)`` picks exactly ``min(topk, |C_i|)`` keys.
