@@ -109,16 +109,12 @@ def main(argv=None):
     backend = jax.default_backend()
     name = f"decode_scaling_{backend}"
     config = {"model": dataclasses.asdict(base), "contexts": args.contexts, "repeats": args.repeats}
-    json_path = reporting.write_json(name, config, rows)
-    png = reporting.image_path(name)
-    plot(rows, png, f"Decoding on {backend}: {base.num_layers} layers, d_model {base.d_model}, "
-                    f"SparseK topk={base.topk} window={base.window} vs dense")
-    print()
-    print(reporting.markdown_table(rows, [
+    title = (f"Decoding on {backend}: {base.num_layers} layers, d_model {base.d_model}, "
+             f"SparseK topk={base.topk} window={base.window} vs dense")
+    reporting.publish(name, config, rows, plot=lambda rows, path: plot(rows, path, title), columns=[
         ("context", "context", "d"), ("sparsek_ms", "SparseK ms/token", ".2f"), ("dense_ms", "dense ms/token", ".2f"),
         ("dense_over_sparsek_ms", "dense / SparseK", ".1f"), ("sparsek_cache_mib", "SparseK cache MiB", ".2f"),
-        ("dense_cache_mib", "dense cache MiB", ".1f")]))
-    print(f"\nwrote {json_path} and {png}")
+        ("dense_cache_mib", "dense cache MiB", ".1f")])
 
 
 if __name__ == "__main__":

@@ -140,18 +140,15 @@ def main(argv=None):
     rows = []
     for case in cases:
         rows.append(run_case(*case, args.implementation, args.repeats))
-        json_path = reporting.write_json("gpu_attention", config, rows)  # after every case: partial runs count
-    png = reporting.image_path("gpu_attention")
-    plot(rows, png)
-    print(reporting.markdown_table(rows, [
+        reporting.write_json("gpu_attention", config, rows)  # after every case: partial runs count
+    reporting.publish("gpu_attention", config, rows, plot=plot, columns=[
         ("seq", "seq", "d"), ("q_heads", "q heads", "d"), ("kv_heads", "kv heads", "d"), ("head_dim", "d", "d"),
         ("topk", "topk", "d"), ("window", "window", "d"),
         ("sparsek_fwd_ms", "SparseK fwd ms", ".2f"), ("dense_fwd_ms", "dense fwd ms", ".2f"),
         ("sliding_fwd_ms", "sliding fwd ms", ".2f"), ("speedup_vs_dense_fwd", "fwd speedup vs dense", ".2f"),
         ("sparsek_fwdbwd_ms", "SparseK f+b ms", ".2f"), ("dense_fwdbwd_ms", "dense f+b ms", ".2f"),
         ("sliding_fwdbwd_ms", "sliding f+b ms", ".2f"), ("speedup_vs_dense_fwdbwd", "f+b speedup vs dense", ".2f"),
-        ("ratio_vs_sliding_fwdbwd", "f+b / sliding", ".2f"), ("sparsek_fwd_tflops", "SparseK fwd TFLOP/s", ".0f")]))
-    print(f"wrote {json_path} and {png}")
+        ("ratio_vs_sliding_fwdbwd", "f+b / sliding", ".2f"), ("sparsek_fwd_tflops", "SparseK fwd TFLOP/s", ".0f")])
 
 
 if __name__ == "__main__":

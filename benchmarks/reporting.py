@@ -41,6 +41,19 @@ def write_json(name: str, config: dict, rows: list[dict]) -> Path:
     return path
 
 
+def publish(name: str, config: dict, rows: list[dict], columns, plot=None) -> None:
+    """Writes the JSON, the plot (``plot(rows, path)``) if any, and prints the Markdown table."""
+    json_path = write_json(name, config, rows)
+    written = [str(json_path)]
+    if plot is not None:
+        png = image_path(name)
+        plot(rows, png)
+        written.append(str(png))
+    print()
+    print(markdown_table(rows, columns))
+    print(f"\nwrote {' and '.join(written)}")
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """columns: (key, header, format spec); missing values print as an en dash."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",

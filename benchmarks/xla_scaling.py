@@ -126,18 +126,14 @@ def main(argv=None):
             cur["reference_time_growth"] = cur["reference_ms"] / prev["reference_ms"]
         cur["reference_memory_growth"] = cur["reference_mib"] / prev["reference_mib"]
 
-    name = f"xla_scaling_{backend}"
-    json_path = reporting.write_json(name, config, rows)
-    png = reporting.image_path(name)
-    plot(rows, png, f"SparseK forward+backward on {backend}: topk={args.topk}, window={args.window}, "
-                    f"{args.q_heads}q/{args.kv_heads}kv heads, head_dim {args.head_dim}")
-    print()
-    print(reporting.markdown_table(rows, [
+    title = (f"SparseK forward+backward on {backend}: topk={args.topk}, window={args.window}, "
+             f"{args.q_heads}q/{args.kv_heads}kv heads, head_dim {args.head_dim}")
+    reporting.publish(f"xla_scaling_{backend}", config, rows, plot=lambda rows, path: plot(rows, path, title),
+                      columns=[
         ("seq", "seq", "d"), ("xla_ms", "xla ms", ".0f"), ("xla_time_growth", "× per doubling", ".2f"),
         ("xla_mib", "xla MiB", ".0f"), ("xla_memory_growth", "× per doubling", ".2f"),
         ("reference_ms", "reference ms", ".0f"), ("reference_time_growth", "× per doubling", ".2f"),
-        ("reference_mib", "reference MiB", ".0f"), ("reference_memory_growth", "× per doubling", ".2f")]))
-    print(f"\nwrote {json_path} and {png}")
+        ("reference_mib", "reference MiB", ".0f"), ("reference_memory_growth", "× per doubling", ".2f")])
 
 
 if __name__ == "__main__":

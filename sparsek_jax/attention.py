@@ -126,7 +126,8 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
                                      scale=float(scale), block_size=block_size or DEFAULT_BLOCK_SIZE,
                                      buffer_size=buffer_size, forward=implementation, interpret=interpret)
     if implementation != "reference":
-        raise NotImplementedError(f"implementation={implementation!r} is not built yet; use 'xla', 'pallas_gpu' "
-                                  "or 'auto'")
+        # The only name left is "pallas_tpu": the TPU kernel is planned (issue 8) but not written yet.
+        raise NotImplementedError(f"implementation={implementation!r}: the Pallas TPU kernel does not exist yet; "
+                                  "use 'xla' (runs on TPUs), 'pallas_gpu' or 'auto'")
     return _reference_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
                                 scale=float(scale))

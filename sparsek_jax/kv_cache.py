@@ -64,9 +64,6 @@ class AttentionCache(NamedTuple):
     def topk(self) -> int:
         return self.selected_pos.shape[-1]
 
-    def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
-
 
 def empty_cache(batch: int, *, ring: int, topk: int, extra: int, kv_heads: int, head_dim: int,
                 dtype=jnp.float32) -> AttentionCache:

@@ -201,12 +201,11 @@ def _coerce(key: str, value, tp):
     """Checks ``value`` against the annotation ``tp``; returns it (tuples from lists, ints as floats)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _coerce(key, value, option)
-            except ConfigError as error:
-                errors.append(error)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(t) for t in typing.get_args(tp))}, "
                           f"received {value!r}")
     if tp is type(None):

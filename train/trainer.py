@@ -112,6 +112,7 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
         f"{dict(session.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
         f"{len(packed):,} training sequences of {config.data.seq_len} tokens")
 
+    schedule = app.learning_rate_schedule(config)
     train_step = make_train_step(t.accumulate)
     eval_step = make_eval_step()
     eval_windows = data.DocumentWindows(prepared.splits["validation"], config.data.eval_seq_len)
@@ -131,7 +132,7 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
                     record = {"step": step, "loss": loss, "grad_norm": float(out["grad_norm"]),
-                              "learning_rate": float(app.learning_rate_schedule(config)(step - 1)),
+                              "learning_rate": float(schedule(step - 1)),
                               "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
                               "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
                                       if peak else None)}

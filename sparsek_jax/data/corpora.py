@@ -13,6 +13,7 @@ Every builder yields ``{"id": str, "text": str}``; splits are ``train`` and ``va
 
 from __future__ import annotations
 
+import abc
 import csv
 import hashlib
 import importlib.resources
@@ -50,8 +51,9 @@ class _SplitByDocument(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, description=(type(self).__doc__ or "").strip(),
                                      features=_features())
 
+    @abc.abstractmethod
     def _documents(self) -> Iterator[tuple[str, str]]:
-        raise NotImplementedError
+        """Yields ``(document id, text)`` for the whole corpus; the split is made by ``is_validation``."""
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(validation=False),
