@@ -1,4 +1,4 @@
-"""Per-query SparseK thresholds over growing candidate prefixes, in O(n (R + B) log(R + B)).
+"""Per-query SparseK thresholds over growing candidate prefixes, in O(n (T + log R) log R).
 
 Query ``i`` chooses among the candidate keys ``C_i = {j <= i - window}`` of its own document. ``C_i`` is a
 prefix of the key sequence, so everything is computed once per *key position* ``t`` over ``P_t = {j <= t}``
@@ -12,11 +12,13 @@ Structure used (SPEC §1, points 2 and 4):
   largest score ever dropped from it is ``<= tau_t``: then every dropped key has gate 0. We carry that
   largest dropped score and report, per query, whether the condition held (``ThresholdInfo.exact``).
 
-The sequence is processed in blocks of ``B`` keys; each block's buffer comes from an associative scan of
-per-block top-R summaries. Each position of a block sees the buffer plus the block's keys up to itself (a ``[B, R + B]`` candidate matrix, put in order by counting ranks,
-see ``_merged_rows``) and reads ``tau``/``theta`` off its ordered row with the operator's own
-``threshold_of_sorted``. Memory is ``O(n R / B + 16 B (R + B))`` per row of scores (the block summaries and
-16 blocks of rows at a time), time ``O(n (R + B) log(R + B))``.
+The keys are scanned in blocks of ``T``. Every block's buffer (top R before it) comes from an associative
+scan of per-block top-R summaries, merged by counting ranks. Then each position of a block sees the sorted
+buffer plus the block's keys up to itself; nothing per position is materialised: counts over the buffer are
+binary searches, counts over the block masked sums over its ``T`` keys, sums over the buffer come from
+float-float prefix sums. ``tau`` is found as in the operator's ``threshold_of_sorted`` (binary search for
+the linear piece, closed form on it), ``theta`` by rank counting (``_block_statistics``). Memory is
+``O(n R / T)`` per row of scores, time ``O(n (T + log R) log R)``, all positions in parallel.
 
 Ties: keys are ordered by ``(score, position)``: among equal scores the newer key ranks higher. So the
 selection ``j in S_i  <=>  (u_j, j) >= (theta_i, theta_pos_i)`` picks exactly ``min(topk, |C_i|)`` keys.
@@ -32,7 +34,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from sparsek_jax import validation
-from sparsek_jax.operator import threshold_of_sorted
 
 __all__ = ["ThresholdInfo", "prefix_thresholds", "default_buffer_size", "is_selected"]
 
@@ -63,40 +64,45 @@ def is_selected(scores_j, pos_j, theta_i, theta_pos_i):
     return (scores_j > theta_i) | ((scores_j == theta_i) & (pos_j >= theta_pos_i))
 
 
-def _merged_rows(buffer_scores, buffer_pos, sees_buffer, block_scores, block_pos, member):
-    """Every row's candidates sorted by (score, position), descending, without sorting the rows.
+def _count_leading(predicate, length: int, shape, *, rolled: bool = False):
+    """Number of leading indices ``i`` in ``[0, length)`` where ``predicate(i)`` holds, for a predicate that
+    is true on a prefix; ``predicate`` maps an int32 index array of ``shape`` to bool.
 
-    Row ``a`` holds the buffer (sorted, ``R`` entries, if ``sees_buffer[a]``) and the block keys ``b`` with
-    ``member[a, b]``. Only the ``B`` block keys are sorted; each element's rank inside a row is counted (block
-    keys are newer than every buffer key, so they win ties against it) and the elements are scattered to
-    their ranks: ``O(B (R + B))`` per block instead of ``O(B (R + B) log(R + B))`` for a sort per row.
-    Returns ``[B, R + B]`` scores (``-inf`` past the row's count) and positions (-1 there).
+    A binary search of ``bit_length(length)`` steps. Unrolled (default) for cheap predicates, so that XLA
+    fuses the gathers; ``rolled=True`` (a loop) for costly ones, which keeps the program small. Searches
+    inside a rolled predicate must be unrolled: nested device loops are slow on GPUs.
     """
-    rows, width = member.shape[0], buffer_scores.shape[0] + member.shape[1]
-    neg_scores, neg_pos, order = lax.sort((-block_scores, -block_pos, jnp.arange(rows)), num_keys=2)
-    ranked_scores, ranked_pos = -neg_scores, -neg_pos  # the block, descending
-    ranked_member = member[:, order]  # [a, t]: sorted block key t is in row a
-    before = jnp.concatenate([jnp.zeros((rows, 1), jnp.int32), jnp.cumsum(ranked_member, axis=1, dtype=jnp.int32)],
-                             axis=1)  # before[a, t] = members of row a among the t largest block keys
-    buffer_valid = buffer_pos >= 0
-    # Block keys ranked above buffer key r: those with score >= its score (they are newer).
-    above_buffer = jnp.searchsorted(neg_scores, -buffer_scores, side="right")
-    buffer_rank = jnp.arange(buffer_scores.shape[0])[None, :] + jnp.take_along_axis(
-        before, jnp.broadcast_to(above_buffer[None, :], (rows, buffer_scores.shape[0])), axis=1)
-    # Buffer keys ranked above sorted block key t: those with a strictly larger score.
-    buffer_above = jnp.searchsorted(-jnp.where(buffer_valid, buffer_scores, -jnp.inf), -ranked_scores, side="left")
-    block_rank = jnp.where(sees_buffer[:, None], buffer_above[None, :], 0) + before[:, :-1]
-    buffer_rank = jnp.where(sees_buffer[:, None] & buffer_valid[None, :], buffer_rank, width)
-    block_rank = jnp.where(ranked_member, block_rank, width)
-    row = jnp.broadcast_to(jnp.arange(rows)[:, None], (rows, width))
-    ranks = jnp.concatenate([buffer_rank, block_rank], axis=1)
-    values = jnp.concatenate([jnp.broadcast_to(buffer_scores, buffer_rank.shape),
-                              jnp.broadcast_to(ranked_scores, block_rank.shape)], axis=1)
-    positions = jnp.concatenate([jnp.broadcast_to(buffer_pos, buffer_rank.shape),
-                                 jnp.broadcast_to(ranked_pos, block_rank.shape)], axis=1)
-    merged_scores = jnp.full((rows, width), -jnp.inf, jnp.float32).at[row, ranks].set(values, mode="drop")
-    merged_pos = jnp.full((rows, width), -1, jnp.int32).at[row, ranks].set(positions, mode="drop")
-    return merged_scores, merged_pos
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        holds = predicate(jnp.minimum(mid, max(length - 1, 0))) & (mid < hi)
+        return jnp.where(holds, mid + 1, lo), jnp.where(holds, hi, mid)
+
+    bounds = (jnp.zeros(shape, jnp.int32), jnp.full(shape, length, jnp.int32))
+    num_steps = int(length).bit_length()
+    if rolled:
+        return lax.fori_loop(0, num_steps, step, bounds)[0]
+    for i in range(num_steps):
+        bounds = step(i, bounds)
+    return bounds[0]
+
+
+def _compensated_cumsum(x):
+    """Exclusive prefix sums of float32 ``x`` [m] as a float-float pair (hi, lo) of length m + 1.
+
+    A range sum ``hi[b] - hi[a] + (lo[b] - lo[a])`` then keeps its accuracy even after a long run of
+    large scores (the keys above the threshold): plain float32 prefix sums would lose ~1e-3 there.
+    """
+    def two_sum(a, b):
+        (a_hi, a_lo), (b_hi, b_lo) = a, b
+        s = a_hi + b_hi
+        v = s - a_hi
+        err = (a_hi - (s - v)) + (b_hi - v)
+        return s, a_lo + b_lo + err
+
+    hi, lo = lax.associative_scan(two_sum, (x, jnp.zeros_like(x)))
+    zero = jnp.zeros((1,), x.dtype)
+    return jnp.concatenate([zero, hi]), jnp.concatenate([zero, lo])
 
 
 def _sorted_desc(scores, pos):
@@ -109,12 +115,30 @@ def _merge_summaries(a, b):
     """Associative combine of two prefix summaries (a before b), batched over leading axes.
 
     A summary is (scores [R], positions [R], dropped, first_segment, last_segment, reset): the top R keys
-    of the range's last document, the largest score cut from them, and whether a document starts inside.
+    of the range's last document sorted by (score, position) descending (padding ``-inf`` / ``-1`` last),
+    the largest score cut from them, and whether a document starts inside. The two sorted lists are merged
+    by counting ranks (every key of b is newer, so it wins ties): ``O(R log R)``, no sort.
     """
     a_scores, a_pos, a_dropped, a_first, a_last, a_reset = a
     b_scores, b_pos, b_dropped, b_first, b_last, b_reset = b
     buffer_size = a_scores.shape[-1]
-    scores, pos = _sorted_desc(jnp.concatenate([a_scores, b_scores], -1), jnp.concatenate([a_pos, b_pos], -1))
+    lead = a_scores.shape[:-1]
+    flat = lambda x: x.reshape((-1, buffer_size))
+
+    def merge(a_scores, a_pos, b_scores, b_pos):
+        index = jnp.arange(buffer_size, dtype=jnp.int32)
+        search = functools.partial(jnp.searchsorted, method="scan_unrolled")
+        a_dest = index + search(-b_scores, -a_scores, side="right")   # b keys with a score >= a's
+        b_dest = index + search(-a_scores, -b_scores, side="left")    # a keys with a score > b's
+        dest = jnp.concatenate([a_dest, b_dest])
+        scores = jnp.full((2 * buffer_size,), -jnp.inf, jnp.float32).at[dest].set(
+            jnp.concatenate([a_scores, b_scores]), mode="drop")
+        pos = jnp.full((2 * buffer_size,), -1, jnp.int32).at[dest].set(jnp.concatenate([a_pos, b_pos]),
+                                                                        mode="drop")
+        return scores, pos
+
+    scores, pos = jax.vmap(merge)(flat(a_scores), flat(a_pos), flat(b_scores), flat(b_pos))
+    scores, pos = scores.reshape(lead + (2 * buffer_size,)), pos.reshape(lead + (2 * buffer_size,))
     dropped = jnp.maximum(jnp.maximum(a_dropped, b_dropped), scores[..., buffer_size])
     boundary = b_reset | (a_last != b_first)  # b starts (or contains) a new document: a is not its past
     keep_b = lambda x, y: jnp.where(boundary.reshape(boundary.shape + (1,) * (x.ndim - boundary.ndim)), y, x)
@@ -122,35 +146,159 @@ def _merge_summaries(a, b):
             jnp.where(boundary, b_dropped, dropped), a_first, b_last, a_reset | boundary)
 
 
-def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_size: int, anchor_offset: int,
-                      anchor_count: int, blocks_per_step: int = 16):
+class _Block(NamedTuple):
+    """One scan block: the buffer before it and its own keys (the rows are the block's key positions)."""
+
+    buffer_scores: jax.Array   # [R] descending by (score, position); -inf padding last
+    buffer_pos: jax.Array      # [R] int32, -1 padding
+    dropped: jax.Array         # [] largest score ever cut from the buffer (-inf if none)
+    buffer_segment: jax.Array  # [] document of the buffer (the last document before the block)
+    new_scores: jax.Array      # [T] the block's keys sorted by (score, position) descending; -inf if invalid
+    new_pos: jax.Array         # [T]
+    new_segment: jax.Array     # [T]
+    row_pos: jax.Array         # [T] the rows (key prefixes t) in position order
+    row_segment: jax.Array     # [T]
+
+
+def _block_statistics(blk: _Block, *, topk: int, anchor_rows: tuple[int, ...], anchor_count: int):
+    """Statistics of the prefixes ending at each key of one block, without forming any per-row list.
+
+    Row ``a`` sees the buffer (if in the buffer's document) and the block keys up to itself in its document.
+    Every count over the buffer is a binary search in the sorted buffer; every count over the block is a
+    masked sum over its ``T`` keys. So a row costs ``O(T + log R)`` per evaluation of
+    ``f(t) = sum_j clip(z_j - t, 0, 1)``, and ``tau`` is found as in ``operator.threshold_of_sorted``: the
+    largest breakpoint ``b`` (a ``z`` or ``z - 1``, from the buffer or the block) with ``f(b) > k`` by binary
+    search in each sorted list, then the closed form on the linear piece after it.
+    """
+    k = topk
+    buffer_size, rows = blk.buffer_scores.shape[0], blk.row_pos.shape[0]
+    shape = (rows,)
+    buf_valid = blk.buffer_pos >= 0
+    buf_z = blk.buffer_scores
+    buf_minus_one = jnp.where(buf_valid, buf_z - 1.0, -jnp.inf)
+    buf_count = jnp.sum(buf_valid, dtype=jnp.int32)
+    new_valid = blk.new_pos >= 0
+    new_z = blk.new_scores
+    new_minus_one = jnp.where(new_valid, new_z - 1.0, -jnp.inf)
+    sees = blk.buffer_segment == blk.row_segment                                          # [a]
+    visible = (new_valid[None, :] & (blk.new_segment[None, :] == blk.row_segment[:, None])
+               & (blk.new_pos[None, :] <= blk.row_pos[:, None]))                          # [a, t]
+    num_visible = jnp.where(sees, buf_count, 0) + jnp.sum(visible, axis=1, dtype=jnp.int32)
+    has_cut = num_visible > k
+
+    # Sums are taken relative to a score near the threshold, in float-float prefix sums over the buffer.
+    center = jnp.where(buf_count > 0, buf_z[jnp.clip(jnp.minimum(k, buf_count) - 1, 0, buffer_size - 1)],
+                       jnp.max(jnp.where(new_valid, new_z, -jnp.inf), initial=0.0))
+    center = jnp.where(jnp.isfinite(center), center, 0.0)
+    sum_hi, sum_lo = _compensated_cumsum(jnp.where(buf_valid, buf_z - center, 0.0))
+
+    def buffer_count(values, predicate, shape=shape):  # leading buffer entries where predicate holds
+        return _count_leading(lambda i: predicate(values[i]), buffer_size, shape)
+
+    def fractional_terms(t):
+        """|U|, |M| and sum_M (z - center) of each row's visible keys at thresholds t [..., a]."""
+        b_above = jnp.where(sees, buffer_count(buf_z, lambda z: z > t, t.shape), 0)
+        b_upper = jnp.where(sees, buffer_count(buf_minus_one, lambda z: z > t, t.shape), 0)
+        n_above = visible & (new_z > t[..., None])
+        n_upper = visible & (new_minus_one > t[..., None])
+        n_mid = n_above & ~n_upper
+        num_upper = b_upper + jnp.sum(n_upper, axis=-1, dtype=jnp.int32)
+        num_mid = b_above - b_upper + jnp.sum(n_mid, axis=-1, dtype=jnp.int32)
+        sum_mid = ((sum_hi[b_above] - sum_hi[b_upper]) + (sum_lo[b_above] - sum_lo[b_upper])
+                   + jnp.sum(jnp.where(n_mid, new_z - center, 0.0), axis=-1))
+        return num_upper, num_mid, sum_mid
+
+    def f(t):
+        num_upper, num_mid, sum_mid = fractional_terms(t)
+        return num_upper + sum_mid - num_mid * (t - center)
+
+    lowest = jnp.minimum(jnp.min(jnp.where(buf_valid, buf_minus_one, jnp.inf), initial=jnp.inf),
+                         jnp.min(jnp.where(new_valid, new_minus_one, jnp.inf), initial=jnp.inf)) - 1.0
+    lowest = jnp.where(jnp.isfinite(lowest), lowest, 0.0)
+
+    # The largest breakpoint with f > k, by one binary search per sorted list (z and z - 1, of the buffer
+    # and of the block), run side by side; shorter lists are padded with `lowest`, which changes nothing.
+    width = max(buffer_size, rows)
+    pad = lambda x, valid: jnp.pad(jnp.where(valid, x, lowest), (0, width - x.shape[0]), constant_values=lowest)
+    points = jnp.stack([pad(buf_z, buf_valid), pad(buf_minus_one, buf_valid), pad(new_z, new_valid),
+                        pad(new_minus_one, new_valid)])  # [4, width], each descending
+    list_index = jnp.arange(4)[:, None]
+    first = _count_leading(lambda i: f(points[list_index, i]) <= k, width, (4, rows), rolled=True)
+    start = jnp.max(jnp.where(first < width, points[list_index, jnp.minimum(first, width - 1)], lowest), axis=0)
+    num_upper, num_mid, sum_mid = fractional_terms(start)
+    # On (start, next breakpoint]: f(t) = |U| + sum_M (z - t) = k, solved relative to the center.
+    tau = center + (sum_mid + num_upper - k) / jnp.where(has_cut & (num_mid > 0), num_mid, 1)
+    tau = jnp.where(has_cut, tau, -jnp.inf)
+
+    # theta: the k-th visible key in (score, position) order. Buffer key r ranks r + (visible block keys
+    # with a score >= its own: they are newer); if no buffer key has rank k - 1, a block key has.
+    def buffer_rank(r):
+        return r + jnp.sum(visible & (new_z >= buf_z[r][:, None]), axis=1, dtype=jnp.int32)
+
+    r_star = _count_leading(lambda r: buffer_rank(r) < k - 1, buffer_size, shape, rolled=True)
+    r_safe = jnp.minimum(r_star, buffer_size - 1)
+    buffer_hit = sees & (r_star < buf_count) & (buffer_rank(r_safe) == k - 1)
+    up_to = jnp.cumsum(visible, axis=1, dtype=jnp.int32)  # visible block keys ranked at or above t
+
+    def ranked_through(t):  # visible keys ranked at or above block key t (inclusive)
+        above = jnp.where(sees, buffer_count(buf_z, lambda z: z > new_z[t]), 0)
+        return above + jnp.take_along_axis(up_to, t[:, None], axis=1)[:, 0]
+
+    t_star = jnp.minimum(_count_leading(lambda t: ranked_through(t) < k, rows, shape, rolled=True), rows - 1)
+    theta = jnp.where(has_cut, jnp.where(buffer_hit, buf_z[r_safe], new_z[t_star]), -jnp.inf)
+    theta_pos = jnp.where(has_cut, jnp.where(buffer_hit, blk.buffer_pos[r_safe], blk.new_pos[t_star]), -1)
+
+    # |M| at tau, with the same float test as the attention's gates (0 < u - tau < 1).
+    b_fractional = (buffer_count(buf_z, lambda z: z > tau) - buffer_count(buf_z, lambda z: z - tau >= 1.0))
+    gap = new_z[None, :] - tau[:, None]
+    num_fractional = (jnp.where(sees, b_fractional, 0)
+                      + jnp.sum(visible & (gap > 0.0) & (gap < 1.0), axis=1, dtype=jnp.int32))
+    exact = jnp.where(sees, blk.dropped, -jnp.inf) <= tau
+
+    # Anchors of the rows that start query blocks: the selected buffer prefix, then the selected block keys.
+    a = jnp.asarray(anchor_rows, jnp.int32)
+    if anchor_rows:
+        chosen = lambda z, p: is_selected(z, p, theta[a], theta_pos[a])
+        from_buffer = jnp.where(sees[a], _count_leading(
+            lambda r: chosen(buf_z[r], blk.buffer_pos[r]) & buf_valid[r], buffer_size, a.shape), 0)
+        from_block = visible[a] & is_selected(new_z, blk.new_pos, theta[a][:, None], theta_pos[a][:, None])
+        slot = jnp.arange(anchor_count, dtype=jnp.int32)
+        anchors = jnp.where(slot < from_buffer[:, None], blk.buffer_pos[jnp.minimum(slot, buffer_size - 1)], -1)
+        dest = jnp.where(from_block, from_buffer[:, None] + jnp.cumsum(from_block, axis=1, dtype=jnp.int32) - 1,
+                         anchor_count)
+        anchors = jax.vmap(lambda row, d: row.at[d].set(blk.new_pos, mode="drop"))(anchors, dest)
+    else:
+        anchors = jnp.zeros((0, anchor_count), jnp.int32)
+    return (tau, theta, theta_pos, num_fractional, exact), anchors
+
+
+def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_size: int, scan_block: int,
+                      anchor_offset: int, anchor_count: int):
     """Statistics of every key prefix of one row. scores float32 [n], segments int32 [n].
 
-    Besides the per-position statistics, each block emits the positions of the top ``anchor_count`` keys of
-    the prefix ending at its row ``anchor_offset`` (the attention's per-query-block candidate list).
-
-    Every block's buffer (the top R keys before it, in its document) comes from an associative scan of
-    per-block summaries (depth log(blocks)); the rows of ``blocks_per_step`` blocks are then processed at a
-    time, so the sequential depth is ``n / (B * blocks_per_step)`` steps rather than one step per block.
+    Keys are scanned in blocks of ``scan_block`` (a multiple of ``block_size``). Every block's buffer (the top
+    R keys before it, in its document) comes from an associative scan of per-block top-R summaries (depth
+    log(blocks)); then every block is independent (``_block_statistics``). Besides the per-position
+    statistics, each ``block_size`` sub-block emits the positions of the top ``anchor_count`` keys of the
+    prefix ending at its row ``anchor_offset`` (the attention's per-query-block candidate list).
     """
     n = scores.shape[0]
-    num_blocks = -(-n // block_size)
-    pad = num_blocks * block_size - n
+    num_blocks = -(-n // scan_block)
+    pad = num_blocks * scan_block - n
     positions = jnp.arange(n + pad, dtype=jnp.int32)
     valid = positions < n
     scores = jnp.pad(scores, (0, pad))
     segments = jnp.pad(segments, (0, pad), constant_values=-1)
-    blocks = tuple(x.reshape(num_blocks, block_size) for x in (scores, positions, segments, valid))
-    block_scores, block_pos, block_segments, block_valid = blocks
-    lower = jnp.arange(block_size)[None, :] <= jnp.arange(block_size)[:, None]
+    block_scores, block_pos, block_segments, block_valid = (
+        x.reshape(num_blocks, scan_block) for x in (scores, positions, segments, valid))
 
     # Per-block summaries: the block's keys of its last document, top R, sorted.
     in_last_doc = block_valid & (block_segments == block_segments[:, -1:])
     summary_scores, summary_pos = _sorted_desc(jnp.where(in_last_doc, block_scores, -jnp.inf),
                                                jnp.where(in_last_doc, block_pos, -1))
-    width = max(buffer_size, block_size)
-    summary_scores = jnp.pad(summary_scores, [(0, 0), (0, width - block_size)], constant_values=-jnp.inf)
-    summary_pos = jnp.pad(summary_pos, [(0, 0), (0, width - block_size)], constant_values=-1)
+    width = max(buffer_size, scan_block)
+    summary_scores = jnp.pad(summary_scores, [(0, 0), (0, width - scan_block)], constant_values=-jnp.inf)
+    summary_pos = jnp.pad(summary_pos, [(0, 0), (0, width - scan_block)], constant_values=-1)
     summary = (summary_scores[:, :buffer_size], summary_pos[:, :buffer_size],
                jnp.max(summary_scores[:, buffer_size:], axis=-1, initial=-jnp.inf),
                block_segments[:, 0], block_segments[:, -1],
@@ -161,26 +309,16 @@ def _prefix_stats_row(scores, segments, *, topk: int, buffer_size: int, block_si
              jnp.zeros((1,), bool))
     buffers = tuple(jnp.concatenate([e, x[:-1]], axis=0) for e, x in zip(empty, inclusive))  # before each block
 
-    def block_statistics(inputs):
-        (buffer_scores, buffer_pos, dropped, _, buffer_segment, _), (b_scores, b_pos, b_segments, b_valid) = inputs
-        same_doc_buffer = buffer_segment == b_segments  # [B]: row a sees the buffer
-        member = lower & (b_segments[None, :] == b_segments[:, None]) & b_valid[None, :]  # [a, b]
-        sorted_scores, sorted_pos = _merged_rows(buffer_scores, buffer_pos, same_doc_buffer, b_scores, b_pos,
-                                                 member)
-        count = jnp.sum(sorted_scores > -jnp.inf, axis=1)
-        tau = jax.vmap(threshold_of_sorted, in_axes=(0, None))(sorted_scores, topk)
-        has_cut = count > topk
-        kth = min(topk, buffer_size + block_size) - 1  # beyond the row there is never a cut
-        theta = jnp.where(has_cut, sorted_scores[:, kth], -jnp.inf)
-        theta_pos = jnp.where(has_cut, sorted_pos[:, kth], -1)
-        gap = sorted_scores - tau[:, None]
-        num_fractional = jnp.sum((gap > 0.0) & (gap < 1.0), axis=1)
-        exact = jnp.where(same_doc_buffer, dropped, -jnp.inf) <= tau
-        anchors = sorted_pos[anchor_offset, :anchor_count]
-        return (tau, theta, theta_pos, num_fractional, exact), anchors
-
-    stats, anchors = lax.map(block_statistics, (buffers, blocks), batch_size=min(blocks_per_step, num_blocks))
-    return tuple(x.reshape(-1)[:n] for x in stats), anchors
+    # The block's own keys in (score, position) order, with their document ids.
+    new_scores, new_pos = _sorted_desc(jnp.where(block_valid, block_scores, -jnp.inf),
+                                       jnp.where(block_valid, block_pos, -1))
+    new_segment = jnp.take_along_axis(block_segments, jnp.maximum(new_pos - block_pos[:, :1], 0), axis=1)
+    blocks = _Block(buffers[0], buffers[1], buffers[2], buffers[4], new_scores, new_pos, new_segment,
+                    jnp.where(block_valid, block_pos, n), block_segments)
+    anchor_rows = tuple(range(anchor_offset, scan_block, block_size))
+    stats, anchors = jax.vmap(functools.partial(_block_statistics, topk=topk, anchor_rows=anchor_rows,
+                                                anchor_count=anchor_count))(blocks)
+    return tuple(x.reshape(-1)[:n] for x in stats), anchors.reshape(-1, anchor_count)
 
 
 class BlockedThresholds(NamedTuple):
@@ -201,11 +339,22 @@ class BlockedThresholds(NamedTuple):
     anchors: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size"))
-def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size) -> BlockedThresholds:
+def default_scan_block(block_size: int) -> int:
+    """Keys per threshold scan block: a multiple of the attention's query block, about 128."""
+    return block_size * max(1, 128 // block_size)
+
+
+@functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size", "scan_block"))
+def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size,
+                       scan_block=None) -> BlockedThresholds:
     """Thresholds of every query plus per-query-block anchors. scores float32 ``[batch, seq, kv_heads]``,
-    segments int32 ``[batch, seq]``, ``1 <= topk``, ``topk <= buffer_size`` unless ``topk >= seq``."""
+    segments int32 ``[batch, seq]``, ``1 <= topk``, ``topk <= buffer_size`` unless ``topk >= seq``.
+    ``block_size``: queries per attention block (one anchor list each); ``scan_block``: keys per scan block,
+    a multiple of ``block_size`` (default ``default_scan_block``)."""
     seq = scores.shape[1]
+    scan_block = default_scan_block(block_size) if scan_block is None else scan_block
+    if scan_block % block_size:
+        raise ValueError(f"scan_block: expected a multiple of block_size={block_size}, received {scan_block}")
     num_blocks = -(-seq // block_size)
     anchor_count = min(topk, seq)
     # Query block c starts at i0 = c B; its candidates are the key prefix t = i0 - window, which sits at
@@ -214,7 +363,8 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
     shift = (window + anchor_offset) // block_size
     rows = jnp.moveaxis(scores, 2, 1)  # [batch, kv_heads, seq]
     row_fn = lambda u, s: _prefix_stats_row(u, s, topk=topk, buffer_size=buffer_size, block_size=block_size,
-                                           anchor_offset=anchor_offset, anchor_count=anchor_count)
+                                           scan_block=scan_block, anchor_offset=anchor_offset,
+                                           anchor_count=anchor_count)
     stats, anchors = jax.vmap(jax.vmap(row_fn, in_axes=(0, None)), in_axes=(0, 0))(rows, segments)
     anchors = jnp.concatenate([jnp.full(anchors.shape[:2] + (shift, anchor_count), -1, jnp.int32),
                                anchors], axis=2)[:, :, :num_blocks]
@@ -301,7 +451,7 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
                 else jnp.asarray(segment_ids, jnp.int32))
     tau, theta, theta_pos, num_fractional, exact, _ = blocked_thresholds(
         jnp.asarray(scores, jnp.float32), segments, topk=topk, window=window, buffer_size=buffer_size,
-        block_size=block_size)
+        block_size=block_size, scan_block=block_size)
     if return_info:
         return tau, theta, ThresholdInfo(theta_pos, num_fractional, exact)
     return tau, theta
