@@ -1,20 +1,28 @@
-"""Pallas GPU (Triton-lowered) kernel: fused SparseK attention forward over gathered tiles.
+"""Pallas GPU (Triton-lowered) kernels: fused SparseK attention, forward and backward, over gathered tiles.
 
-One program per (batch, KV head, block of ``block_q`` queries). The program holds the block's queries of all
-query heads of the KV head's group as one ``[block_q * group, head_dim]`` tile and visits
+Tiles (SPEC §1, point 3). For a block of ``block_q`` consecutive queries starting at ``i0`` every key any of
+them attends to is either a *contiguous* key in ``(i0 - window, i0 + block_q - 1]`` (the windows and the
+candidates that enter inside the block) or an *anchor*: a key selected by the block's first query. The
+queries of all query heads of a KV head's group are one ``[block_q * group, head_dim]`` tile (GQA reads every
+key once per group). Masks and gates are rebuilt per (query, key) from positions, document ids, ``u``,
+``tau``, ``theta`` and ``theta_pos`` (``_pattern``); no index matrix exists.
 
-1. the contiguous keys ``(i0 - window, i0 + block_q - 1]`` (the windows and the candidates that enter
-   inside the block) in chunks of ``block_k``, read as slices of K/V padded by ``window`` on the left;
-2. the block's anchor keys (the first query's selected keys), ``block_k`` at a time, gathered by index
-   from K/V (ref indexing with an index vector).
+Three kernels:
 
-Masks and gates are rebuilt per (query, key) from positions, segments, ``u``, ``tau``, ``theta`` and
-``theta_pos``; one online softmax per query row (FlashAttention-style running max and sum); value gating
-multiplies the probabilities by the gates in the accumulator only, so the denominator is the plain softmax's.
-Outputs are the attention output and the log-sum-exp per row, in the layout of the blocked XLA path, whose
-backward pass consumes them.
+- ``sparsek_forward``: one program per (batch, KV head, query block); contiguous keys are read as slices of
+  K/V padded by ``window`` rows on the left, anchors gathered by ref indexing with an index vector; online
+  softmax; value gating multiplies the probabilities by the gates in the accumulator only. Outputs the
+  attention output and the per-row log-sum-exp.
+- ``sparsek_backward_queries``: the same walk, recomputing ``P`` from the log-sum-exp; accumulates ``dq`` and,
+  per row, the sum of the gate gradients over the fractional keys (the ``Gbar`` of the scores' backward).
+- ``sparsek_backward_keys``: key-major. The queries of a *super-block* of ``blocks_per_group`` query blocks
+  share one tile too (the union bound holds for any run of queries); each program owns ``block_k`` keys of
+  that tile and loops over the super-block's query blocks, accumulating ``dk``, ``dv`` and the direct term
+  of ``du`` in registers. It writes one partial sum per (super-block, tile slot), which the caller
+  segment-sums by key position: deterministic, no atomics, and ``blocks_per_group`` times fewer partials
+  than per-query-block tiles would give.
 
-The kernel takes arrays and static sizes only; it knows nothing of the library above it.
+The kernels take arrays and static sizes only; they know nothing of the library above them.
 """
 
 from __future__ import annotations
@@ -27,128 +35,296 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
-def _tile_update(carry, s, allowed, gates, v, gate_mode):
-    """One online-softmax step over a chunk: s, allowed, gates [rows, block_k]; v [block_k, d]."""
-    acc, row_max, row_sum = carry
+def _pattern(i, q_seg, tau, theta, theta_pos, j, u_j, seg_j, valid_j, *, window, seq):
+    """Allowed pairs, gates and the fractional (gate-moving) pairs of rows x keys.
+
+    Row vectors ``[rows]``: query position, document, ``tau``, ``theta``, ``theta_pos``; key vectors
+    ``[keys]``: position, score, document, validity. Selection uses the newer-wins tie rule.
+    """
+    same = valid_j[None, :] & (seg_j[None, :] == q_seg[:, None]) & (i[:, None] < seq)
+    in_window = same & (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - window)
+    selected = (same & (j[None, :] <= i[:, None] - window)
+                & ((u_j[None, :] > theta[:, None])
+                   | ((u_j[None, :] == theta[:, None]) & (j[None, :] >= theta_pos[:, None]))))
+    gap = u_j[None, :] - tau[:, None]
+    gates = jnp.where(in_window, 1.0, jnp.where(selected, jnp.clip(gap, 0.0, 1.0), 0.0))
+    fractional = selected & (gap > 0.0) & (gap < 1.0)
+    return in_window | selected, gates, fractional
+
+
+def _logits(q, k, allowed, gates, *, scale, gate_mode):
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
     if gate_mode == "logit":
-        s = s + jnp.log(jnp.maximum(gates, jnp.finfo(jnp.float32).tiny))
-    s = jnp.where(allowed, s, MASK_VALUE)
-    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-    correction = jnp.exp(row_max - new_max)
-    p = jnp.where(allowed, jnp.exp(s - new_max[:, None]), 0.0)
-    row_sum = row_sum * correction + jnp.sum(p, axis=1)
-    weights = p * gates if gate_mode == "value" else p
-    acc = acc * correction[:, None] + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return acc, new_max, row_sum
+        s = s + jnp.log(jnp.maximum(gates, TINY))
+    return jnp.where(allowed, s, MASK_VALUE)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref,
-                    anchors_ref, o_ref, lse_ref, *, window, block_q, block_k, seq, scale, gate_mode, num_anchors):
-    c = pl.program_id(2)
+def _score_gradients(p, dp, delta, gates, fractional, gate_mode):
+    """dS (gradient of the logits) and G (gradient of the gates, on fractional pairs) of a chunk."""
+    if gate_mode == "value":  # o = sum_j P_ij g_ij v_j
+        ds = p * (gates * dp - delta[:, None])
+        g = p * dp
+    else:
+        ds = p * (dp - delta[:, None])
+        g = ds / jnp.where(fractional, gates, 1.0) if gate_mode == "logit" else jnp.zeros_like(ds)
+    return ds, jnp.where(fractional, g, 0.0)
+
+
+class _Rows:
+    """Per-row inputs of one query tile (loaded from refs)."""
+
+    def __init__(self, pos, seg, tau, theta, theta_pos):
+        self.pos, self.seg, self.tau, self.theta, self.theta_pos = pos, seg, tau, theta, theta_pos
+
+
+def _walk_tile(carry, update, refs, rows: _Rows, *, c, window, block_q, block_k, seq, num_anchors):
+    """Visits the tile of query block ``c`` in chunks of ``block_k`` keys: ``carry = update(carry, chunk)``
+    with ``chunk = (k, v, allowed, gates, fractional)``."""
+    k_ref, v_ref, u_ref, seg_ref, anchors_ref = refs
     i0 = c * block_q
-    q = q_ref[...]                       # [rows, d], rows = block_q * group
-    i = qpos_ref[...]                    # [rows] query positions (>= seq for padding rows)
-    q_seg = qseg_ref[...]
-    tau = tau_ref[...]
-    theta = theta_ref[...]
-    theta_pos = theta_pos_ref[...]
-    rows, head_dim = q.shape
 
-    def scores_and_masks(k, j, u_j, seg_j, valid_j):
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale        # [rows, block_k]
-        same = valid_j[None, :] & (seg_j[None, :] == q_seg[:, None]) & (i[:, None] < seq)
-        in_window = same & (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - window)
-        selected = (same & (j[None, :] <= i[:, None] - window)
-                    & ((u_j[None, :] > theta[:, None])
-                       | ((u_j[None, :] == theta[:, None]) & (j[None, :] >= theta_pos[:, None]))))
-        gates = jnp.where(in_window, 1.0, jnp.where(selected, jnp.clip(u_j[None, :] - tau[:, None], 0.0, 1.0), 0.0))
-        return s, in_window | selected, gates
-
-    carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
-
-    # 1. contiguous keys j in [i0 - window + 1, i0 + block_q - 1]; K/V/u/seg are padded by `window` on the left.
-    num_contiguous = -(-(window + block_q - 1) // block_k)
+    def chunk_of(j, valid, load):
+        k, v, u_j, seg_j = load
+        allowed, gates, fractional = _pattern(rows.pos, rows.seg, rows.tau, rows.theta, rows.theta_pos, j, u_j,
+                                              seg_j, valid, window=window, seq=seq)
+        return k, v, allowed, gates, fractional
 
     def contiguous(t, carry):
         start = i0 + 1 + t * block_k  # padded index (j + window) of key j = i0 - window + 1 + t * block_k
         j = i0 - window + 1 + t * block_k + lax.iota(jnp.int32, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        u_j = u_ref[pl.ds(start, block_k)]
-        seg_j = seg_ref[pl.ds(start, block_k)]
         valid = (j >= 0) & (j < seq) & (j <= i0 + block_q - 1)
-        s, allowed, gates = scores_and_masks(k, j, u_j, seg_j, valid)
-        return _tile_update(carry, s, allowed, gates, v, gate_mode)
+        sl = pl.ds(start, block_k)
+        return update(carry, chunk_of(j, valid, (k_ref[sl, :], v_ref[sl, :], u_ref[sl], seg_ref[sl])))
 
-    carry = lax.fori_loop(0, num_contiguous, contiguous, carry)
+    carry = lax.fori_loop(0, -(-(window + block_q - 1) // block_k), contiguous, carry)
 
-    # 2. anchors: gathered rows (index vectors), block_k at a time.
     def anchored(t, carry):
         j = anchors_ref[pl.ds(t * block_k, block_k)]
         valid = j >= 0
         padded = jnp.where(valid, j, 0) + window
-        k = k_ref[padded, :]
-        v = v_ref[padded, :]
-        u_j = u_ref[padded]
-        seg_j = seg_ref[padded]
-        s, allowed, gates = scores_and_masks(k, j, u_j, seg_j, valid)
-        return _tile_update(carry, s, allowed, gates, v, gate_mode)
+        return update(carry, chunk_of(j, valid, (k_ref[padded, :], v_ref[padded, :], u_ref[padded],
+                                                 seg_ref[padded])))
 
-    if num_anchors:
-        carry = lax.fori_loop(0, num_anchors // block_k, anchored, carry)
-    acc, row_max, row_sum = carry
+    return lax.fori_loop(0, num_anchors // block_k, anchored, carry)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos_ref, qseg_ref, tau_ref, theta_ref,
+                    theta_pos_ref, o_ref, lse_ref, *, window, block_q, block_k, seq, scale, gate_mode, num_anchors):
+    q = q_ref[...]                       # [rows, d], rows = block_q * group
+    rows = _Rows(qpos_ref[...], qseg_ref[...], tau_ref[...], theta_ref[...], theta_pos_ref[...])
+    n, head_dim = q.shape
+
+    def update(carry, chunk):
+        acc, row_max, row_sum = carry
+        k, v, allowed, gates, _ = chunk
+        s = _logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        correction = jnp.exp(row_max - new_max)
+        p = jnp.where(allowed, jnp.exp(s - new_max[:, None]), 0.0)
+        row_sum = row_sum * correction + jnp.sum(p, axis=1)
+        weights = p * gates if gate_mode == "value" else p
+        acc = acc * correction[:, None] + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, new_max, row_sum
+
+    carry = (jnp.zeros((n, head_dim), jnp.float32), jnp.full((n,), MASK_VALUE, jnp.float32),
+             jnp.zeros((n,), jnp.float32))
+    acc, row_max, row_sum = _walk_tile(carry, update, (k_ref, v_ref, u_ref, seg_ref, anchors_ref), rows,
+                                       c=pl.program_id(2), window=window, block_q=block_q, block_k=block_k,
+                                       seq=seq, num_anchors=num_anchors)
     has_keys = row_sum > 0
     o_ref[...] = (acc / jnp.where(has_keys, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("seq", "window", "block_q", "block_k", "scale", "gate_mode", "interpret",
-                                             "num_warps", "num_stages"))
-def sparsek_forward(q_tiles, k, v, u, segments, query_pos, query_seg, tau, theta, theta_pos, anchors, *, seq: int,
+def _backward_queries_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos_ref, qseg_ref, tau_ref,
+                             theta_ref, theta_pos_ref, do_ref, lse_ref, delta_ref, dq_ref, gsum_ref, *, window,
+                             block_q, block_k, seq, scale, gate_mode, num_anchors):
+    q = q_ref[...]
+    do = do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    rows = _Rows(qpos_ref[...], qseg_ref[...], tau_ref[...], theta_ref[...], theta_pos_ref[...])
+
+    def update(carry, chunk):
+        dq, gsum = carry
+        k, v, allowed, gates, fractional = chunk
+        s = _logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
+        p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
+        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        ds, g = _score_gradients(p, dp, delta, gates, fractional, gate_mode)
+        dq = dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        return dq, gsum + jnp.sum(g, axis=1)
+
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(q.shape[:1], jnp.float32))
+    dq, gsum = _walk_tile(carry, update, (k_ref, v_ref, u_ref, seg_ref, anchors_ref), rows, c=pl.program_id(2),
+                          window=window, block_q=block_q, block_k=block_k, seq=seq, num_anchors=num_anchors)
+    dq_ref[...] = dq * scale
+    gsum_ref[...] = gsum
+
+
+def _backward_keys_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos_ref, qseg_ref, tau_ref,
+                          theta_ref, theta_pos_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, du_ref, *, window,
+                          block_q, block_k, seq, scale, gate_mode, blocks_per_group, num_contiguous):
+    s_idx, tile = pl.program_id(2), pl.program_id(3)
+    group_len = block_q * blocks_per_group
+    i0 = s_idx * group_len
+    is_anchor = tile >= num_contiguous
+    # The tile's keys: contiguous (i0 - window, i0 + group_len - 1] first, then the group's anchors.
+    contiguous_j = i0 - window + 1 + tile * block_k + lax.iota(jnp.int32, block_k)
+    anchor_j = anchors_ref[pl.ds(jnp.maximum(tile - num_contiguous, 0) * block_k, block_k)]
+    j = jnp.where(is_anchor, anchor_j, contiguous_j)
+    valid = jnp.where(is_anchor, anchor_j >= 0, (j >= 0) & (j < seq) & (j <= i0 + group_len - 1))
+    padded = jnp.where(valid, j, 0) + window
+    k, v, u_j, seg_j = k_ref[padded, :], v_ref[padded, :], u_ref[padded], seg_ref[padded]
+    # Query blocks that end before the tile's first key cannot attend to it.
+    first_block = jnp.where(is_anchor, 0, jnp.maximum((tile * block_k - window + 1) // block_q, 0))
+
+    def body(c, carry):
+        dk, dv, du = carry
+        q, do = q_ref[c], do_ref[c]
+        lse, delta = lse_ref[c], delta_ref[c]
+        allowed, gates, fractional = _pattern(qpos_ref[c], qseg_ref[c], tau_ref[c], theta_ref[c],
+                                              theta_pos_ref[c], j, u_j, seg_j, valid, window=window, seq=seq)
+        s = _logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
+        p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
+        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        ds, g = _score_gradients(p, dp, delta, gates, fractional, gate_mode)
+        weights = p * gates if gate_mode == "value" else p
+        dv = dv + jnp.dot(weights.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        return dk, dv, du + jnp.sum(g, axis=0)
+
+    head_dim = k.shape[1]
+    carry = (jnp.zeros((block_k, head_dim), jnp.float32), jnp.zeros((block_k, head_dim), jnp.float32),
+             jnp.zeros((block_k,), jnp.float32))
+    dk, dv, du = lax.fori_loop(first_block, blocks_per_group, body, carry)
+    dk_ref[...] = dk * scale
+    dv_ref[...] = dv
+    du_ref[...] = du
+
+
+def _compiler_params(interpret, num_warps, num_stages):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+_STATIC = ("seq", "window", "block_q", "block_k", "scale", "gate_mode", "interpret", "num_warps", "num_stages")
+
+
+def _query_major_specs(q_tiles, k, anchors):
+    """Specs of the shared inputs for a grid (batch, kv_head, query block)."""
+    rows, head_dim = q_tiles.shape[3:]
+    tile = pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, c: (b, h, c, 0, 0))
+    keys = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, c: (b, h, 0, 0))
+    vector = pl.BlockSpec((None, None, k.shape[2]), lambda b, h, c: (b, h, 0))
+    row = pl.BlockSpec((None, None, None, rows), lambda b, h, c: (b, h, c, 0))
+    anchor = pl.BlockSpec((None, None, None, anchors.shape[3]), lambda b, h, c: (b, h, c, 0))
+    return tile, keys, vector, row, anchor
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def sparsek_forward(q_tiles, k, v, u, segments, anchors, query_pos, query_seg, tau, theta, theta_pos, *, seq: int,
                     window: int, block_q: int, block_k: int, scale: float, gate_mode: str, interpret: bool = False,
                     num_warps: int = 4, num_stages: int = 2):
     """Fused forward.
 
     Args:
-      q_tiles: ``[batch, kv_heads, num_blocks, block_q * group, head_dim]`` (row ``r`` = query ``r // group``
-        of the block, head ``r % group`` of the group).
-      k, v: ``[batch, kv_heads, window + seq_pad, head_dim]``: keys padded by ``window`` zero rows on the left
-        and to ``num_blocks * block_q + block_k`` rows at least on the right.
-      u, segments: ``[batch, kv_heads, window + seq_pad]`` float32 scores and int32 document ids, same padding.
-      query_pos, query_seg, tau, theta, theta_pos: ``[batch, kv_heads, num_blocks, block_q * group]`` per row.
-      anchors: ``[batch, kv_heads, num_blocks, num_anchors]`` int32 key positions (-1: empty), ``num_anchors``
-        a multiple of ``block_k`` (pad with -1).
-
+      q_tiles: ``[batch, kv_heads, num_blocks, rows, head_dim]``, ``rows >= block_q * group`` a power of two
+        (row ``r`` = query ``r // group`` of the block, head ``r % group`` of the group; extra rows padding).
+      k, v: ``[batch, kv_heads, padded_len, head_dim]``: keys padded by ``window`` zero rows on the left and
+        on the right far enough for every slice read (``sparsek_layout_length``).
+      u, segments: ``[batch, kv_heads, padded_len]`` float32 scores and int32 document ids, same padding.
+      anchors: ``[batch, kv_heads, num_blocks, num_anchors]`` int32 key positions of each block's anchors
+        (-1: empty), ``num_anchors`` a positive multiple of ``block_k``.
+      query_pos, query_seg, tau, theta, theta_pos: ``[batch, kv_heads, num_blocks, rows]`` per row
+        (padding rows: position ``>= seq``).
       seq: the real sequence length (keys and queries at or beyond it are masked).
 
     Returns:
       ``(out [batch, kv_heads, num_blocks, rows, head_dim] float32, lse [batch, kv_heads, num_blocks, rows])``.
     """
     batch, kv_heads, num_blocks, rows, head_dim = q_tiles.shape
-    padded_len = k.shape[2]
-    num_anchors = anchors.shape[3]
+    tile, keys, vector, row, anchor = _query_major_specs(q_tiles, k, anchors)
     kernel = functools.partial(_forward_kernel, window=window, block_q=block_q, block_k=block_k, seq=seq,
-                               scale=scale, gate_mode=gate_mode, num_anchors=num_anchors)
-    row_spec = pl.BlockSpec((None, None, None, rows), lambda b, h, c: (b, h, c, 0))
-    full_keys = pl.BlockSpec((None, None, padded_len, head_dim), lambda b, h, c: (b, h, 0, 0))
-    full_vector = pl.BlockSpec((None, None, padded_len), lambda b, h, c: (b, h, 0))
-    in_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, c: (b, h, c, 0, 0)),
-                full_keys, full_keys, full_vector, full_vector,
-                row_spec, row_spec, row_spec, row_spec, row_spec,
-                pl.BlockSpec((None, None, None, max(num_anchors, 1)), lambda b, h, c: (b, h, c, 0))]
-    out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, c: (b, h, c, 0, 0)), row_spec]
-    out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows, head_dim), jnp.float32),
+                               scale=scale, gate_mode=gate_mode, num_anchors=anchors.shape[3])
+    out_shape = [jax.ShapeDtypeStruct(q_tiles.shape, jnp.float32),
                  jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows), jnp.float32)]
-    if num_anchors == 0:
-        anchors = jnp.full((batch, kv_heads, num_blocks, 1), -1, jnp.int32)
-    compiler_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
+    return pl.pallas_call(kernel, grid=(batch, kv_heads, num_blocks),
+                          in_specs=[tile, keys, keys, vector, vector, anchor] + [row] * 5,
+                          out_specs=[tile, row], out_shape=out_shape, interpret=interpret,
+                          compiler_params=_compiler_params(interpret, num_warps, num_stages))(
+        q_tiles, k, v, u, segments, anchors, query_pos, query_seg, tau, theta, theta_pos)
 
-        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    return pl.pallas_call(kernel, grid=(batch, kv_heads, num_blocks), in_specs=in_specs, out_specs=out_specs,
-                          out_shape=out_shape, interpret=interpret, compiler_params=compiler_params)(
-        q_tiles, k, v, u, segments, query_pos, query_seg, tau, theta, theta_pos, anchors)
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def sparsek_backward_queries(q_tiles, k, v, u, segments, anchors, query_pos, query_seg, tau, theta, theta_pos,
+                             do_tiles, lse, delta, *, seq: int, window: int, block_q: int, block_k: int,
+                             scale: float, gate_mode: str, interpret: bool = False, num_warps: int = 4,
+                             num_stages: int = 2):
+    """``dq`` and the per-row sum of gate gradients over fractional keys.
+
+    Arguments as in ``sparsek_forward``, plus ``do_tiles`` (the output cotangent in the layout of
+    ``q_tiles``), ``lse`` (the forward's log-sum-exp) and ``delta = sum(do * out, -1)``, per row.
+    Returns ``(dq [like q_tiles] float32, gsum [batch, kv_heads, num_blocks, rows] float32)``.
+    """
+    batch, kv_heads, num_blocks, rows, head_dim = q_tiles.shape
+    tile, keys, vector, row, anchor = _query_major_specs(q_tiles, k, anchors)
+    kernel = functools.partial(_backward_queries_kernel, window=window, block_q=block_q, block_k=block_k,
+                               seq=seq, scale=scale, gate_mode=gate_mode, num_anchors=anchors.shape[3])
+    out_shape = [jax.ShapeDtypeStruct(q_tiles.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows), jnp.float32)]
+    return pl.pallas_call(kernel, grid=(batch, kv_heads, num_blocks),
+                          in_specs=[tile, keys, keys, vector, vector, anchor] + [row] * 5 + [tile, row, row],
+                          out_specs=[tile, row], out_shape=out_shape, interpret=interpret,
+                          compiler_params=_compiler_params(interpret, num_warps, num_stages))(
+        q_tiles, k, v, u, segments, anchors, query_pos, query_seg, tau, theta, theta_pos, do_tiles, lse, delta)
+
+
+def backward_keys_slots(window: int, block_q: int, block_k: int, blocks_per_group: int, num_anchors: int) -> int:
+    """Tile slots per super-block in ``sparsek_backward_keys``: contiguous keys first, then anchors."""
+    contiguous = -(-(window + block_q * blocks_per_group - 1) // block_k) * block_k
+    return contiguous + num_anchors
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("blocks_per_group",))
+def sparsek_backward_keys(q_tiles, k, v, u, segments, group_anchors, query_pos, query_seg, tau, theta, theta_pos,
+                          do_tiles, lse, delta, *, seq: int, window: int, block_q: int, block_k: int, scale: float,
+                          gate_mode: str, blocks_per_group: int, interpret: bool = False, num_warps: int = 4,
+                          num_stages: int = 2):
+    """Per super-block partial sums of ``dk``, ``dv`` and the direct term of ``du``, by tile slot.
+
+    Arguments as in ``sparsek_backward_queries`` except ``group_anchors [batch, kv_heads, num_groups,
+    num_anchors]``: the anchors of the first query block of each super-block of ``blocks_per_group``
+    blocks (``num_blocks = num_groups * blocks_per_group``). Slot ``s < contiguous`` of super-block ``g``
+    holds key ``g * block_q * blocks_per_group - window + 1 + s``; slot ``contiguous + a`` holds anchor
+    ``a`` (see ``backward_keys_slots``). Returns ``(dk, dv [batch, kv_heads, num_groups, slots, head_dim],
+    du [batch, kv_heads, num_groups, slots])``, float32; the caller sums them by key position.
+    """
+    batch, kv_heads, num_blocks, rows, head_dim = q_tiles.shape
+    num_groups = num_blocks // blocks_per_group
+    num_anchors = group_anchors.shape[3]
+    slots = backward_keys_slots(window, block_q, block_k, blocks_per_group, num_anchors)
+    num_contiguous = (slots - num_anchors) // block_k
+    m = blocks_per_group
+    tile = pl.BlockSpec((None, None, m, rows, head_dim), lambda b, h, g, t: (b, h, g, 0, 0))
+    keys = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, g, t: (b, h, 0, 0))
+    vector = pl.BlockSpec((None, None, k.shape[2]), lambda b, h, g, t: (b, h, 0))
+    row = pl.BlockSpec((None, None, m, rows), lambda b, h, g, t: (b, h, g, 0))
+    anchor = pl.BlockSpec((None, None, None, num_anchors), lambda b, h, g, t: (b, h, g, 0))
+    out_keys = pl.BlockSpec((None, None, None, block_k, head_dim), lambda b, h, g, t: (b, h, g, t, 0))
+    out_vector = pl.BlockSpec((None, None, None, block_k), lambda b, h, g, t: (b, h, g, t))
+    kernel = functools.partial(_backward_keys_kernel, window=window, block_q=block_q, block_k=block_k, seq=seq,
+                               scale=scale, gate_mode=gate_mode, blocks_per_group=m, num_contiguous=num_contiguous)
+    out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, num_groups, slots, head_dim), jnp.float32)] * 2 + [
+        jax.ShapeDtypeStruct((batch, kv_heads, num_groups, slots), jnp.float32)]
+    return pl.pallas_call(kernel, grid=(batch, kv_heads, num_groups, slots // block_k),
+                          in_specs=[tile, keys, keys, vector, vector, anchor] + [row] * 5 + [tile, row, row],
+                          out_specs=[out_keys, out_keys, out_vector], out_shape=out_shape, interpret=interpret,
+                          compiler_params=_compiler_params(interpret, num_warps, num_stages))(
+        q_tiles, k, v, u, segments, group_anchors, query_pos, query_seg, tau, theta, theta_pos, do_tiles, lse,
+        delta)

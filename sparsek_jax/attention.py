@@ -93,7 +93,7 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
       scale: logit scale, default ``1 / sqrt(head_dim)``.
       implementation: ``"reference"`` (dense O(seq^2), the test oracle), ``"xla"`` (blocked and gathered,
         O(seq (topk + block_size + window)) memory and time, forward and backward, any backend),
-        ``"pallas_gpu"`` (the forward as one fused Pallas kernel per query block, the blocked backward) or
+        ``"pallas_gpu"`` (fused Pallas GPU kernels, forward and backward; see docs/kernels.md) or
         ``"auto"`` (the best available path for the default backend; warns once when it falls back).
       interpret: run a Pallas kernel in interpret mode (any backend; for tests).
       block_size: queries per gathered tile of the blocked paths (default 64).
@@ -124,7 +124,7 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
     if implementation in ("xla", "pallas_gpu"):
         return xla_sparsek_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
                                      scale=float(scale), block_size=block_size or DEFAULT_BLOCK_SIZE,
-                                     buffer_size=buffer_size, forward=implementation, interpret=interpret)
+                                     buffer_size=buffer_size, path=implementation, interpret=interpret)
     if implementation != "reference":
         # The only name left is "pallas_tpu": the TPU kernel is planned (issue 8) but not written yet.
         raise NotImplementedError(f"implementation={implementation!r}: the Pallas TPU kernel does not exist yet; "

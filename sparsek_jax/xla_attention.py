@@ -48,9 +48,10 @@ class _Config(NamedTuple):
     scale: float
     block_size: int
     buffer_size: int
-    forward: str = "xla"       # "xla" (blocked einsums) or "pallas_gpu" (fused kernel); the backward is shared
-    interpret: bool = False    # run the Pallas kernel in interpret mode
+    path: str = "xla"          # "xla" (blocked einsums) or "pallas_gpu" (the fused kernels, forward and backward)
+    interpret: bool = False    # run the Pallas kernels in interpret mode
     block_k: int = 64          # keys per kernel step
+    blocks_per_group: int = 8  # query blocks per super-block of the key-major backward kernel
 
 
 class _Tiles(NamedTuple):
@@ -154,7 +155,7 @@ def _thresholds(scores, segments, cfg: _Config) -> BlockedThresholds | None:
 def _forward(q, k, v, scores, segments, cfg: _Config):
     scores = lax.stop_gradient(scores.astype(jnp.float32))
     th = _thresholds(scores, segments, cfg)
-    if cfg.forward == "pallas_gpu":
+    if cfg.path == "pallas_gpu":
         out, lse = _pallas_forward(q, k, v, scores, segments, th, cfg)
         return out, lse, th
     t = _build_tiles(q, k, v, scores, segments, th, cfg)
@@ -171,53 +172,143 @@ def _forward(q, k, v, scores, segments, cfg: _Config):
     return out, lse, th
 
 
+class _KernelLayout(NamedTuple):
+    """The arrays of ``pallas_kernels.gpu`` (see ``sparsek_forward``): padded keys, anchors and per-row data."""
+
+    k: jax.Array
+    v: jax.Array
+    u: jax.Array
+    seg: jax.Array
+    anchors: jax.Array
+    query_pos: jax.Array
+    query_seg: jax.Array
+    tau: jax.Array
+    theta: jax.Array
+    theta_pos: jax.Array
+
+
+class _TileShape(NamedTuple):
+    num_blocks: int    # query blocks covering seq
+    padded_blocks: int  # rounded up to whole super-blocks of the key-major backward
+    rows: int          # block_size * group
+    tile_rows: int     # rows rounded up to a power of two (Triton tiles)
+
+
+def _tile_shape(seq, group, cfg: _Config) -> _TileShape:
+    num_blocks = -(-seq // cfg.block_size)
+    padded = -(-num_blocks // cfg.blocks_per_group) * cfg.blocks_per_group
+    rows = cfg.block_size * group
+    return _TileShape(num_blocks, padded, rows, 1 << (rows - 1).bit_length())
+
+
+def _to_tiles(x, ts: _TileShape, cfg: _Config, kv_heads):
+    """[b, seq, q_heads, d] -> [b, kv_heads, padded_blocks, tile_rows, d] (padding rows are zero)."""
+    batch, _, q_heads, head_dim = x.shape
+    x = _blocks(x, ts.padded_blocks, cfg.block_size)
+    x = x.reshape(batch, ts.padded_blocks, cfg.block_size, kv_heads, q_heads // kv_heads, head_dim)
+    x = x.transpose(0, 3, 1, 2, 4, 5).reshape(batch, kv_heads, ts.padded_blocks, ts.rows, head_dim)
+    return jnp.pad(x, [(0, 0)] * 3 + [(0, ts.tile_rows - ts.rows), (0, 0)])
+
+
+def _from_tiles(x, ts: _TileShape, seq, group):
+    """[b, kv_heads, padded_blocks, tile_rows, (d)] -> blocked [b, kv_heads, num_blocks, B, group, (d)]."""
+    b, h = x.shape[:2]
+    x = x[:, :, :ts.num_blocks, :ts.rows]
+    return x.reshape((b, h, ts.num_blocks, ts.rows // group, group) + x.shape[4:])
+
+
+def _rows_to_tiles(x, ts: _TileShape, fill):
+    """Blocked per-row values [b, kv_heads, num_blocks, B, group] -> [b, kv_heads, padded_blocks, tile_rows]."""
+    b, h = x.shape[:2]
+    x = x.reshape(b, h, ts.num_blocks, ts.rows)
+    return jnp.pad(x, [(0, 0), (0, 0), (0, ts.padded_blocks - ts.num_blocks), (0, ts.tile_rows - ts.rows)],
+                   constant_values=fill)
+
+
+def _kernel_layout(k, v, scores, segments, th, cfg: _Config, ts: _TileShape, group, dtype) -> _KernelLayout:
+    batch, seq, kv_heads, _ = k.shape
+    B, w, bk = cfg.block_size, cfg.window, cfg.block_k
+    # Keys padded by the window on the left and past the last (padded) block on the right, so every
+    # contiguous slice a kernel reads is in bounds.
+    right = ts.padded_blocks * B + bk - seq
+    pad_keys = lambda x, value=0: jnp.pad(jnp.moveaxis(x, 1, 2), [(0, 0), (0, 0), (w, right)]
+                                          + [(0, 0)] * (x.ndim - 3), constant_values=value)
+    per_head = lambda x: jnp.broadcast_to(x[:, :, None], (batch, seq, kv_heads))
+
+    def per_row(x, fill):  # [b, seq, hkv] -> [b, hkv, padded_blocks, tile_rows]
+        x = jnp.repeat(_blocks(x, ts.padded_blocks, B, fill).transpose(0, 3, 1, 2), group, axis=-1)
+        return jnp.pad(x, [(0, 0)] * 3 + [(0, ts.tile_rows - ts.rows)], constant_values=fill)
+
+    if cfg.topk > 0:
+        tau, theta, theta_pos = per_row(th.tau, jnp.inf), per_row(th.theta, jnp.inf), per_row(th.theta_pos, seq)
+        anchors = th.anchors
+    else:
+        tau = theta = jnp.full((batch, kv_heads, ts.padded_blocks, ts.tile_rows), jnp.inf, jnp.float32)
+        theta_pos = jnp.full(tau.shape, seq, jnp.int32)
+        anchors = jnp.zeros((batch, kv_heads, ts.num_blocks, 0), jnp.int32)
+    extra = -anchors.shape[-1] % bk or (bk if anchors.shape[-1] == 0 else 0)
+    anchors = jnp.pad(anchors, [(0, 0), (0, 0), (0, ts.padded_blocks - ts.num_blocks), (0, extra)],
+                      constant_values=-1)
+    return _KernelLayout(pad_keys(k.astype(dtype)), pad_keys(v.astype(dtype)), pad_keys(scores),
+                         pad_keys(per_head(segments), -1), anchors,
+                         per_row(per_head(jnp.arange(seq, dtype=jnp.int32)[None, :].repeat(batch, 0)), seq),
+                         per_row(per_head(segments), -2), tau, theta, theta_pos)
+
+
+def _kernel_options(cfg: _Config, seq):
+    return dict(seq=seq, window=cfg.window, block_q=cfg.block_size, block_k=cfg.block_k, scale=cfg.scale,
+                gate_mode=cfg.gate, interpret=cfg.interpret)
+
+
 def _pallas_forward(q, k, v, scores, segments, th, cfg: _Config):
-    """Lays the arrays out for ``pallas_kernels.gpu.sparsek_forward`` and calls it; returns the output and
-    log-sum-exp in the blocked layout ``[b, hkv, nb, B, G, (d)]`` that the shared backward pass reads."""
+    """Runs ``pallas_kernels.gpu.sparsek_forward``; returns the output and log-sum-exp in the blocked layout
+    ``[b, hkv, nb, B, G, (d)]`` of the XLA path."""
     from pallas_kernels.gpu import sparsek_forward
+
+    seq, kv_heads = q.shape[1], k.shape[2]
+    group = q.shape[2] // kv_heads
+    ts = _tile_shape(seq, group, cfg)
+    lay = _kernel_layout(k, v, scores, segments, th, cfg, ts, group, q.dtype)
+    out, lse = sparsek_forward(_to_tiles(q, ts, cfg, kv_heads), *lay, **_kernel_options(cfg, seq))
+    return _from_tiles(out, ts, seq, group), _from_tiles(lse, ts, seq, group)
+
+
+def _pallas_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
+    """dq, dk, dv and the scores' gradient from the two backward kernels (docs/kernels.md)."""
+    from pallas_kernels.gpu import backward_keys_slots, sparsek_backward_keys, sparsek_backward_queries
 
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
-    B, w, bk = cfg.block_size, cfg.window, cfg.block_k
-    nb = -(-seq // B)
-    rows = B * group
-    # Triton tiles need power-of-two sizes: pad the query rows (e.g. 3 heads per group) with masked rows.
-    tile_rows = 1 << (rows - 1).bit_length()
-    # Keys padded by the window on the left and by a full key step past the last block on the right, so every
-    # contiguous slice the kernel reads is in bounds.
-    right = nb * B + bk - seq
-    pad_keys = lambda x, value=0: jnp.pad(jnp.moveaxis(x, 1, 2), [(0, 0), (0, 0), (w, right)] + [(0, 0)] * (x.ndim - 3),
-                                          constant_values=value)
-    k_padded = pad_keys(k.astype(q.dtype))
-    v_padded = pad_keys(v.astype(q.dtype))
-    u_padded = pad_keys(scores)
-    seg_padded = pad_keys(jnp.broadcast_to(segments[:, :, None], (batch, seq, kv_heads)), -1)
-    q_tiles = _blocks(q, nb, B).reshape(batch, nb, B, kv_heads, group, head_dim).transpose(0, 3, 1, 2, 4, 5)
-    q_tiles = q_tiles.reshape(batch, kv_heads, nb, rows, head_dim)
-    q_tiles = jnp.pad(q_tiles, [(0, 0)] * 3 + [(0, tile_rows - rows), (0, 0)])
+    ts = _tile_shape(seq, group, cfg)
+    lay = _kernel_layout(k, v, scores, segments, th, cfg, ts, group, q.dtype)
+    q_tiles = _to_tiles(q, ts, cfg, kv_heads)
+    do_tiles = _to_tiles(d_out.astype(q.dtype), ts, cfg, kv_heads)
+    do_blocked = _blocks(d_out.astype(jnp.float32), ts.num_blocks, cfg.block_size).reshape(
+        batch, ts.num_blocks, cfg.block_size, kv_heads, group, head_dim).transpose(0, 3, 1, 2, 4, 5)
+    delta = _rows_to_tiles(jnp.sum(do_blocked * out, axis=-1), ts, 0.0)  # D_i = dO_i . o_i
+    lse_tiles = _rows_to_tiles(lse, ts, 0.0)
+    options = _kernel_options(cfg, seq)
+    dq, gsum = sparsek_backward_queries(q_tiles, *lay, do_tiles, lse_tiles, delta, **options)
 
-    def per_row(x, fill):  # [b, seq, hkv] -> [b, hkv, nb, tile_rows]
-        x = jnp.repeat(_blocks(x, nb, B, fill).transpose(0, 3, 1, 2), group, axis=-1)
-        return jnp.pad(x, [(0, 0)] * 3 + [(0, tile_rows - rows)], constant_values=fill)
-
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :, None], (batch, seq, kv_heads))
-    query_pos = per_row(positions, seq)
-    query_seg = per_row(jnp.broadcast_to(segments[:, :, None], (batch, seq, kv_heads)), -2)
-    if cfg.topk > 0:
-        tau, theta, theta_pos = per_row(th.tau, jnp.inf), per_row(th.theta, jnp.inf), per_row(th.theta_pos, seq)
-        anchors = th.anchors
-        extra = -anchors.shape[-1] % bk
-        anchors = jnp.pad(anchors, [(0, 0)] * 3 + [(0, extra)], constant_values=-1)
-    else:
-        tau = theta = jnp.full(query_pos.shape, jnp.inf, jnp.float32)
-        theta_pos = jnp.full(query_pos.shape, seq, jnp.int32)
-        anchors = jnp.zeros((batch, kv_heads, nb, 0), jnp.int32)
-    out, lse = sparsek_forward(q_tiles, k_padded, v_padded, u_padded, seg_padded, query_pos, query_seg, tau, theta,
-                               theta_pos, anchors, seq=seq, window=w, block_q=B, block_k=bk, scale=cfg.scale,
-                               gate_mode=cfg.gate, interpret=cfg.interpret)
-    out, lse = out[:, :, :, :rows], lse[:, :, :, :rows]
-    return (out.reshape(batch, kv_heads, nb, B, group, head_dim), lse.reshape(batch, kv_heads, nb, B, group))
+    m = cfg.blocks_per_group
+    group_anchors = lay.anchors[:, :, ::m]
+    dk_part, dv_part, du_part = sparsek_backward_keys(q_tiles, *lay[:4], group_anchors, *lay[5:], do_tiles,
+                                                      lse_tiles, delta, blocks_per_group=m, **options)
+    slots = backward_keys_slots(cfg.window, cfg.block_size, cfg.block_k, m, group_anchors.shape[-1])
+    num_groups = ts.padded_blocks // m
+    contiguous = (jnp.arange(num_groups, dtype=jnp.int32)[:, None] * (cfg.block_size * m) - cfg.window + 1
+                  + jnp.arange(slots - group_anchors.shape[-1], dtype=jnp.int32)[None, :])
+    key_pos = jnp.concatenate([jnp.broadcast_to(contiguous, (batch, kv_heads) + contiguous.shape), group_anchors],
+                              axis=-1)
+    key_pos = jnp.where((key_pos >= 0) & (key_pos < seq), key_pos, -1)
+    dk = _scatter_add(dk_part, key_pos, seq)
+    dv = _scatter_add(dv_part, key_pos, seq)
+    direct = _scatter_add(du_part, key_pos, seq)
+    gsum = jnp.sum(_from_tiles(gsum, ts, seq, group), axis=-1)  # [b, hkv, nb, B]: summed over the group
+    d_scores = _scores_gradient(direct, gsum, th, scores, segments, cfg)
+    dq = _unblock(_from_tiles(dq, ts, seq, group), seq)
+    return dq, dk, dv, d_scores
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -274,13 +365,28 @@ def _fractional_range_sums(gbar, scores, tau, segments, window):
     return jnp.take_along_axis(prefix, hi, axis=2) - jnp.take_along_axis(prefix, lo, axis=2)
 
 
-def _attention_bwd(cfg: _Config, residuals, d_out):
-    q, k, v, scores, segments, out, lse, th = residuals
+def _scores_gradient(direct, gsum, th, scores, segments, cfg: _Config):
+    """``du_l = sum_i [l in M_i] G_il - sum_i [l in M_i] Gbar_i`` (SPEC §1).
+
+    direct: ``[b, hkv, seq]`` the first sum (gate gradients of fractional pairs, summed per key);
+    gsum: ``[b, hkv, nb, B]`` per query, the gate gradients over its fractional keys (summed over the
+    group's heads). Returns ``[b, seq, hkv]`` float32.
+    """
+    if cfg.gate == "none" or cfg.topk == 0:
+        return jnp.zeros(scores.shape, jnp.float32)
+    batch, seq, kv_heads = scores.shape
+    num_fractional = _blocks(th.num_fractional, gsum.shape[2], cfg.block_size, 1).transpose(0, 3, 1, 2)
+    gbar = (gsum / jnp.maximum(num_fractional, 1)).reshape(batch, kv_heads, -1)[:, :, :seq]
+    through_tau = _fractional_range_sums(gbar, jnp.moveaxis(scores.astype(jnp.float32), 2, 1),
+                                         jnp.moveaxis(th.tau, 2, 1), segments, cfg.window)
+    return jnp.moveaxis(direct - through_tau, 1, 2)
+
+
+def _xla_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     nb = -(-seq // cfg.block_size)
-    scores32 = scores.astype(jnp.float32)
-    t = _build_tiles(q, k, v, scores32, segments, th, cfg)
+    t = _build_tiles(q, k, v, scores.astype(jnp.float32), segments, th, cfg)
     s = _logits(t, cfg)
     probs = jnp.exp(s - lse[..., None])  # 0 off the pattern (s = -inf)
     do = _blocks(d_out.astype(jnp.float32), nb, cfg.block_size).reshape(
@@ -295,28 +401,24 @@ def _attention_bwd(cfg: _Config, residuals, d_out):
     dv_tile = jnp.einsum("zhcbgl,zhcbgd->zhcld", weights, do)
     dk = _scatter_add(dk_tile, t.key_pos, seq)
     dv = _scatter_add(dv_tile, t.key_pos, seq)
+    # dL/dg_ij on fractional pairs, summed over the query heads that share the KV head's gates.
+    if cfg.gate == "value":
+        d_gates = jnp.sum(probs * do_v, axis=4)
+    else:  # logit: s += log g, so dL/dg = dS / g
+        d_gates = jnp.sum(d_logits, axis=4) / jnp.where(t.fractional, t.gates, 1.0)
+    d_gates = jnp.where(t.fractional, d_gates, 0.0)  # [b, hkv, nb, B, L]
+    direct = _scatter_add(jnp.sum(d_gates, axis=3), t.key_pos, seq)  # sum_i [l in M_i] G_il
+    d_scores = _scores_gradient(direct, jnp.sum(d_gates, axis=4), th, scores, segments, cfg)
+    return _unblock(dq, seq), dk, dv, d_scores
 
-    if cfg.gate == "none" or cfg.topk == 0:
-        d_scores = jnp.zeros_like(scores32)
-    else:
-        # dL/dg_ij, summed over the query heads that share the KV head's gates.
-        if cfg.gate == "value":
-            d_gates = jnp.sum(probs * do_v, axis=4)
-        else:  # logit: s += log g, so dL/dg = dS / g
-            d_gates = jnp.sum(d_logits, axis=4) / jnp.where(t.fractional, t.gates, 1.0)
-        d_gates = jnp.where(t.fractional, d_gates, 0.0)  # [b, hkv, nb, B, L]
-        direct = _scatter_add(jnp.sum(d_gates, axis=3), t.key_pos, seq)  # sum_i [l in M_i] G_il
-        num_fractional = _blocks(th.num_fractional, nb, cfg.block_size, 1).transpose(0, 3, 1, 2)
-        gbar = jnp.sum(d_gates, axis=4) / jnp.maximum(num_fractional, 1)  # [b, hkv, nb, B]
-        gbar = gbar.reshape(batch, kv_heads, -1)[:, :, :seq]
-        tau = jnp.moveaxis(th.tau, 2, 1)
-        through_tau = _fractional_range_sums(gbar, jnp.moveaxis(scores32, 2, 1), tau, segments, cfg.window)
-        d_scores = jnp.moveaxis(direct - through_tau, 1, 2)
 
-    dq = _unblock(dq, seq).astype(q.dtype)
+def _attention_bwd(cfg: _Config, residuals, d_out):
+    q, k, v, scores, segments, out, lse, th = residuals
+    backward = _pallas_backward if cfg.path == "pallas_gpu" else _xla_backward
+    dq, dk, dv, d_scores = backward(q, k, v, scores, segments, out, lse, th, d_out, cfg)
     dk = jnp.moveaxis(dk, 1, 2).astype(k.dtype)
     dv = jnp.moveaxis(dv, 1, 2).astype(v.dtype)
-    return dq, dk, dv, d_scores.astype(scores.dtype), None
+    return dq.astype(q.dtype), dk, dv, d_scores.astype(scores.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -324,17 +426,17 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def xla_sparsek_attention(q, k, v, scores, segment_ids=None, *, topk: int, window: int, gate: str,
                           scale: float, block_size: int = DEFAULT_BLOCK_SIZE, buffer_size: int | None = None,
-                          forward: str = "xla", interpret: bool = False):
+                          path: str = "xla", interpret: bool = False, blocks_per_group: int = 8):
     """Blocked SparseK attention (see the module docstring); arguments as in ``sparsek_attention``,
     already validated. ``block_size`` queries share one gathered tile; ``buffer_size`` is the thresholds'
-    bounded buffer (default ``default_buffer_size``). ``forward="pallas_gpu"`` runs the forward pass as the
-    fused Pallas kernel (``interpret=True``: in interpret mode on any backend); the backward pass is the
-    blocked one either way."""
+    bounded buffer (default ``default_buffer_size``). ``path="pallas_gpu"`` runs the forward and backward
+    passes as the Pallas GPU kernels (``interpret=True``: in interpret mode on any backend), whose key-major
+    backward groups ``blocks_per_group`` query blocks per super-block."""
     batch, seq = q.shape[:2]
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
     if buffer_size is None:
         buffer_size = default_buffer_size(max(topk, 1), seq)
     cfg = _Config(topk=topk, window=window, gate=gate, scale=float(scale), block_size=block_size,
-                  buffer_size=buffer_size, forward=forward, interpret=interpret)
+                  buffer_size=buffer_size, path=path, interpret=interpret, blocks_per_group=blocks_per_group)
     return _attention(q, k, v, scores, segments, cfg)
