@@ -41,10 +41,10 @@ def write_json(name: str, config: dict, rows: list[dict]) -> Path:
     return path
 
 
-def publish(name: str, config: dict, rows: list[dict], columns, plot=None) -> None:
-    """Writes the JSON, the plot (``plot(rows, path)``) if any, and prints the Markdown table."""
-    json_path = write_json(name, config, rows)
-    written = [str(json_path)]
+def publish(name: str, config: dict, rows: list[dict], columns, plot=None, write: bool = True) -> None:
+    """Writes the JSON (unless ``write=False``: results saved before), the plot (``plot(rows, path)``) if
+    any, and prints the Markdown table."""
+    written = [str(write_json(name, config, rows))] if write else []
     if plot is not None:
         png = image_path(name)
         plot(rows, png)

@@ -50,8 +50,8 @@ class _Config(NamedTuple):
     buffer_size: int
     path: str = "xla"          # "xla" (blocked einsums) or "pallas_gpu" (the fused kernels, forward and backward)
     interpret: bool = False    # run the Pallas kernels in interpret mode
-    block_k: int = 64          # keys per kernel step
-    blocks_per_group: int = 8  # query blocks per super-block of the key-major backward kernel
+    block_k: int = 32          # keys per kernel step
+    blocks_per_group: int = 16  # query blocks per super-block of the key-major backward kernel
 
 
 class _Tiles(NamedTuple):
@@ -426,17 +426,19 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def xla_sparsek_attention(q, k, v, scores, segment_ids=None, *, topk: int, window: int, gate: str,
                           scale: float, block_size: int = DEFAULT_BLOCK_SIZE, buffer_size: int | None = None,
-                          path: str = "xla", interpret: bool = False, blocks_per_group: int = 8):
+                          path: str = "xla", interpret: bool = False, block_k: int = 32,
+                          blocks_per_group: int = 16):
     """Blocked SparseK attention (see the module docstring); arguments as in ``sparsek_attention``,
     already validated. ``block_size`` queries share one gathered tile; ``buffer_size`` is the thresholds'
     bounded buffer (default ``default_buffer_size``). ``path="pallas_gpu"`` runs the forward and backward
     passes as the Pallas GPU kernels (``interpret=True``: in interpret mode on any backend), whose key-major
-    backward groups ``blocks_per_group`` query blocks per super-block."""
+    backward groups ``blocks_per_group`` query blocks per super-block; ``block_k`` keys per kernel step."""
     batch, seq = q.shape[:2]
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
     if buffer_size is None:
         buffer_size = default_buffer_size(max(topk, 1), seq)
     cfg = _Config(topk=topk, window=window, gate=gate, scale=float(scale), block_size=block_size,
-                  buffer_size=buffer_size, path=path, interpret=interpret, blocks_per_group=blocks_per_group)
+                  buffer_size=buffer_size, path=path, interpret=interpret, block_k=block_k,
+                  blocks_per_group=blocks_per_group)
     return _attention(q, k, v, scores, segments, cfg)
