@@ -1,15 +1,16 @@
-"""SparseK attention on a GPU against cuDNN dense and cuDNN sliding-window attention, in one process.
+"""SparseK attention against cuDNN dense and cuDNN sliding-window attention, in one process.
 
     python -m benchmarks.gpu_attention            # on the H200: all cases below (~10 minutes)
     python -m benchmarks.gpu_attention --quick    # a few cases
     python -m benchmarks.gpu_attention --replot   # table and plot again from the saved JSON
+    python -m benchmarks.gpu_attention --implementation pallas_tpu   # on a TPU: XLA attention as baseline
 
 bf16, causal, batch x seq = 65,536 tokens per call, median of 10 after warm-up. Everything is included for
 SparseK: scores -> thresholds -> attention (forward), and the backward to q, k, v and the scores.
 The sliding-window baseline attends to the same number of keys per query (``topk + window``).
 Effective TFLOP/s counts 4 * heads * head_dim * (keys attended) per query (x 3.5 for forward+backward, the
 FlashAttention convention) so that dense and sparse numbers compare as work actually done.
-Writes benchmarks/results/gpu_attention.json and docs/images/gpu_attention.png.
+Writes benchmarks/results/<backend>_attention.json and docs/images/<backend>_attention.png.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import sparsek_jax as sk
 from benchmarks import reporting
 
 TOKENS = 65536
+# Baselines: cuDNN on GPUs; XLA's attention elsewhere (TPUs). Results are named after the backend.
+BASELINE = "cudnn" if jax.default_backend() == "gpu" else "xla"
+NAME = f"{jax.default_backend()}_attention"
 
 
 def time_ms(fn, *args, repeats=10):
@@ -56,9 +60,9 @@ def attention_fns(kind, *, topk, window, implementation):
         f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=topk, window=window,
                                                     implementation=implementation)
     elif kind == "dense":
-        f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=BASELINE)
     else:
-        f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+        f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=BASELINE,
                                                             local_window_size=(topk + window - 1, 0))
     forward = jax.jit(f)
     argnums = (0, 1, 2, 3) if kind == "sparsek" else (0, 1, 2)
@@ -100,7 +104,7 @@ def run_case(seq, q_heads, kv_heads, head_dim, topk, window, implementation, rep
     return row
 
 
-def plot(rows, path: Path):
+def plot(rows, path: Path, device: str, baseline: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,8 +116,8 @@ def plot(rows, path: Path):
     for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
         for kind, marker in (("sparsek", "o"), ("dense", "s"), ("sliding", "^")):
             pts = [r for r in main if r.get(f"{kind}_{mode}_ms")]
-            label = {"sparsek": "SparseK (k=1024, w=1024)", "dense": "cuDNN dense causal",
-                     "sliding": "cuDNN sliding window 2048"}[kind]
+            label = {"sparsek": "SparseK (k=1024, w=1024)", "dense": f"{baseline} dense causal",
+                     "sliding": f"{baseline} sliding window 2048"}[kind]
             ax.plot([r["seq"] for r in pts], [r[f"{kind}_{mode}_ms"] for r in pts], marker=marker, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -122,7 +126,7 @@ def plot(rows, path: Path):
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-    fig.suptitle("NVIDIA H200: 12 heads, head_dim 64, bf16, everything included for SparseK")
+    fig.suptitle(f"{device}: 12 heads, head_dim 64, bf16, everything included for SparseK")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -132,8 +136,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--implementation", default="pallas_gpu")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--replot", action="store_true",
-                        help="only redraw the plot and reprint the table from benchmarks/results/gpu_attention.json")
+    parser.add_argument("--replot", nargs="?", const="gpu_attention", metavar="NAME",
+                        help="only redraw the plot and reprint the table from benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
     # Most telling first, so that a run cut short still answers the main questions.
     cases = [(65536, 12, 12, 64, 1024, 1024), (8192, 12, 12, 64, 1024, 1024), (65536, 12, 4, 64, 1024, 1024),
@@ -141,8 +145,12 @@ def main(argv=None):
     cases += [(s, 12, 12, 64, 1024, 1024) for s in (4096, 16384, 32768, 131072)]
     if args.quick:
         cases = cases[:2]
+    name, device, baseline = NAME, jax.devices()[0].device_kind, BASELINE
     if args.replot:
-        saved = json.loads((reporting.RESULTS_DIR / "gpu_attention.json").read_text())
+        name = args.replot
+        saved = json.loads((reporting.RESULTS_DIR / f"{name}.json").read_text())
+        device = saved["environment"]["device"]
+        baseline = "cudnn" if saved["environment"]["backend"] == "gpu" else "xla"
         config, rows = saved["config"], sorted(saved["rows"], key=lambda r: (r["topk"], r["kv_heads"],
                                                                             r["head_dim"], r["seq"]))
     else:
@@ -150,8 +158,9 @@ def main(argv=None):
         rows = []
         for case in cases:
             rows.append(run_case(*case, args.implementation, args.repeats))
-            reporting.write_json("gpu_attention", config, rows)  # after every case: partial runs count
-    reporting.publish("gpu_attention", config, rows, plot=plot, write=not args.replot, columns=[
+            reporting.write_json(NAME, config, rows)  # after every case: partial runs count
+    reporting.publish(name, config, rows, plot=lambda rows, path: plot(rows, path, device, baseline), write=not args.replot,
+                      columns=[
         ("seq", "seq", "d"), ("q_heads", "q heads", "d"), ("kv_heads", "kv heads", "d"), ("head_dim", "d", "d"),
         ("topk", "topk", "d"), ("window", "window", "d"),
         ("sparsek_fwd_ms", "SparseK fwd ms", ".2f"), ("dense_fwd_ms", "dense fwd ms", ".2f"),

@@ -5,7 +5,7 @@ them attends to is either a *contiguous* key in ``(i0 - window, i0 + block_q - 1
 candidates that enter inside the block) or an *anchor*: a key selected by the block's first query. The
 queries of all query heads of a KV head's group are one ``[block_q * group, head_dim]`` tile (GQA reads every
 key once per group). Masks and gates are rebuilt per (query, key) from positions, document ids, ``u``,
-``tau``, ``theta`` and ``theta_pos`` (``_pattern``); no index matrix exists.
+``tau``, ``theta`` and ``theta_pos`` (``common.pattern``); no index matrix exists.
 
 Three kernels:
 
@@ -34,44 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-TINY = float(jnp.finfo(jnp.float32).tiny)
-
-
-def _pattern(i, q_seg, tau, theta, theta_pos, j, u_j, seg_j, valid_j, *, window, seq):
-    """Allowed pairs, gates and the fractional (gate-moving) pairs of rows x keys.
-
-    Row vectors ``[rows]``: query position, document, ``tau``, ``theta``, ``theta_pos``; key vectors
-    ``[keys]``: position, score, document, validity. Selection uses the newer-wins tie rule.
-    """
-    same = valid_j[None, :] & (seg_j[None, :] == q_seg[:, None]) & (i[:, None] < seq)
-    in_window = same & (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - window)
-    selected = (same & (j[None, :] <= i[:, None] - window)
-                & ((u_j[None, :] > theta[:, None])
-                   | ((u_j[None, :] == theta[:, None]) & (j[None, :] >= theta_pos[:, None]))))
-    gap = u_j[None, :] - tau[:, None]
-    gates = jnp.where(in_window, 1.0, jnp.where(selected, jnp.clip(gap, 0.0, 1.0), 0.0))
-    fractional = selected & (gap > 0.0) & (gap < 1.0)
-    return in_window | selected, gates, fractional
-
-
-def _logits(q, k, allowed, gates, *, scale, gate_mode):
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    if gate_mode == "logit":
-        s = s + jnp.log(jnp.maximum(gates, TINY))
-    return jnp.where(allowed, s, MASK_VALUE)
-
-
-def _score_gradients(p, dp, delta, gates, fractional, gate_mode):
-    """dS (gradient of the logits) and G (gradient of the gates, on fractional pairs) of a chunk."""
-    if gate_mode == "value":  # o = sum_j P_ij g_ij v_j
-        ds = p * (gates * dp - delta[:, None])
-        g = p * dp
-    else:
-        ds = p * (dp - delta[:, None])
-        g = ds / jnp.where(fractional, gates, 1.0) if gate_mode == "logit" else jnp.zeros_like(ds)
-    return ds, jnp.where(fractional, g, 0.0)
-
+from pallas_kernels.common import MASK_VALUE, logits, pattern, score_gradients
 
 class _Rows:
     """Per-row inputs of one query tile (loaded from refs)."""
@@ -88,8 +51,10 @@ def _walk_tile(carry, update, refs, rows: _Rows, *, c, window, block_q, block_k,
 
     def chunk_of(j, valid, load):
         k, v, u_j, seg_j = load
-        allowed, gates, fractional = _pattern(rows.pos, rows.seg, rows.tau, rows.theta, rows.theta_pos, j, u_j,
-                                              seg_j, valid, window=window, seq=seq)
+        col = lambda x: x[:, None]
+        allowed, gates, fractional = pattern(col(rows.pos), col(rows.seg), col(rows.tau), col(rows.theta),
+                                             col(rows.theta_pos), j[None, :], u_j[None, :], seg_j[None, :],
+                                             valid[None, :], window=window, seq=seq)
         return k, v, allowed, gates, fractional
 
     def contiguous(t, carry):
@@ -120,7 +85,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos_ref, 
     def update(carry, chunk):
         acc, row_max, row_sum = carry
         k, v, allowed, gates, _ = chunk
-        s = _logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
+        s = logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         correction = jnp.exp(row_max - new_max)
         p = jnp.where(allowed, jnp.exp(s - new_max[:, None]), 0.0)
@@ -150,10 +115,10 @@ def _backward_queries_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, q
     def update(carry, chunk):
         dq, gsum = carry
         k, v, allowed, gates, fractional = chunk
-        s = _logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
+        s = logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
         p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-        ds, g = _score_gradients(p, dp, delta, gates, fractional, gate_mode)
+        ds, g = score_gradients(p, dp, delta[:, None], gates, fractional, gate_mode)
         dq = dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
         return dq, gsum + jnp.sum(g, axis=1)
 
@@ -185,12 +150,14 @@ def _backward_keys_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos
         dk, dv, du = carry
         q, do = q_ref[c], do_ref[c]
         lse, delta = lse_ref[c], delta_ref[c]
-        allowed, gates, fractional = _pattern(qpos_ref[c], qseg_ref[c], tau_ref[c], theta_ref[c],
-                                              theta_pos_ref[c], j, u_j, seg_j, valid, window=window, seq=seq)
-        s = _logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
+        col = lambda ref: ref[c][:, None]
+        allowed, gates, fractional = pattern(col(qpos_ref), col(qseg_ref), col(tau_ref), col(theta_ref),
+                                             col(theta_pos_ref), j[None, :], u_j[None, :], seg_j[None, :],
+                                             valid[None, :], window=window, seq=seq)
+        s = logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
         p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-        ds, g = _score_gradients(p, dp, delta, gates, fractional, gate_mode)
+        ds, g = score_gradients(p, dp, delta[:, None], gates, fractional, gate_mode)
         weights = p * gates if gate_mode == "value" else p
         dv = dv + jnp.dot(weights.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)

@@ -8,7 +8,6 @@ the oracle every other path is tested against.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -49,22 +48,10 @@ def _reference_attention(q, k, v, scores, segment_ids, *, topk, window, gate, sc
 
 
 def _resolve_implementation(implementation: str) -> str:
-    """``"auto"``: the best path for the default backend; warns once when it has to fall back."""
+    """``"auto"``: the kernels of the default backend (``pallas_gpu``, ``pallas_tpu``), else ``xla``."""
     if implementation != "auto":
         return implementation
-    platform = jax.default_backend()
-    best = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
-    if best not in _AVAILABLE:
-        if platform not in _warned_fallback:
-            _warned_fallback.add(platform)
-            warnings.warn(f"sparsek_attention(implementation='auto'): {best!r} is not available on "
-                          f"{platform}; using 'xla'", stacklevel=3)
-        return "xla"
-    return best
-
-
-_AVAILABLE = {"reference", "xla", "pallas_gpu"}
-_warned_fallback: set[str] = set()
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
 
 
 def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *, topk: int,
@@ -93,9 +80,11 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
       scale: logit scale, default ``1 / sqrt(head_dim)``.
       implementation: ``"reference"`` (dense O(seq^2), the test oracle), ``"xla"`` (blocked and gathered,
         O(seq (topk + block_size + window)) memory and time, forward and backward, any backend),
-        ``"pallas_gpu"`` (fused Pallas GPU kernels, forward and backward; see docs/kernels.md) or
-        ``"auto"`` (the best available path for the default backend; warns once when it falls back).
-      interpret: run a Pallas kernel in interpret mode (any backend; for tests).
+        ``"pallas_gpu"`` (fused Pallas GPU kernels, forward and backward; see docs/kernels.md),
+        ``"pallas_tpu"`` (the Pallas TPU kernels, forward and backward) or ``"auto"`` (the kernels of the
+        default backend: ``pallas_gpu`` on GPUs, ``pallas_tpu`` on TPUs, ``xla`` elsewhere).
+      interpret: run the Pallas kernels in interpret mode (any backend; for tests; TPU kernels in the TPU
+        interpreter).
       block_size: queries per gathered tile of the blocked paths (default 64).
       buffer_size: top scores kept by the blocked thresholds (default ``default_buffer_size``); ``tau`` is
         exact while no key above it is dropped (see ``prefix_thresholds``).
@@ -121,13 +110,9 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
             raise ValueError(f"buffer_size: expected at least min(topk, seq)={min(topk, q.shape[1])}, "
                              f"received {buffer_size}")
     implementation = _resolve_implementation(implementation)
-    if implementation in ("xla", "pallas_gpu"):
+    if implementation in ("xla", "pallas_gpu", "pallas_tpu"):
         return xla_sparsek_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
                                      scale=float(scale), block_size=block_size or DEFAULT_BLOCK_SIZE,
                                      buffer_size=buffer_size, path=implementation, interpret=interpret)
-    if implementation != "reference":
-        # The only name left is "pallas_tpu": the TPU kernel is planned (issue 8) but not written yet.
-        raise NotImplementedError(f"implementation={implementation!r}: the Pallas TPU kernel does not exist yet; "
-                                  "use 'xla' (runs on TPUs), 'pallas_gpu' or 'auto'")
     return _reference_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate,
                                 scale=float(scale))

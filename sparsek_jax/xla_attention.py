@@ -155,8 +155,9 @@ def _thresholds(scores, segments, cfg: _Config) -> BlockedThresholds | None:
 def _forward(q, k, v, scores, segments, cfg: _Config):
     scores = lax.stop_gradient(scores.astype(jnp.float32))
     th = _thresholds(scores, segments, cfg)
-    if cfg.path == "pallas_gpu":
-        out, lse = _pallas_forward(q, k, v, scores, segments, th, cfg)
+    if cfg.path in ("pallas_gpu", "pallas_tpu"):
+        kernel_forward = _pallas_forward if cfg.path == "pallas_gpu" else _tpu_forward
+        out, lse = kernel_forward(q, k, v, scores, segments, th, cfg)
         return out, lse, th
     t = _build_tiles(q, k, v, scores, segments, th, cfg)
     s = _logits(t, cfg)
@@ -191,14 +192,15 @@ class _TileShape(NamedTuple):
     num_blocks: int    # query blocks covering seq
     padded_blocks: int  # rounded up to whole super-blocks of the key-major backward
     rows: int          # block_size * group
-    tile_rows: int     # rows rounded up to a power of two (Triton tiles)
+    tile_rows: int     # rows rounded up: to a power of two (Triton tiles) or to a multiple of 8 (TPU sublanes)
 
 
 def _tile_shape(seq, group, cfg: _Config) -> _TileShape:
     num_blocks = -(-seq // cfg.block_size)
     padded = -(-num_blocks // cfg.blocks_per_group) * cfg.blocks_per_group
     rows = cfg.block_size * group
-    return _TileShape(num_blocks, padded, rows, 1 << (rows - 1).bit_length())
+    tile_rows = -(-rows // 8) * 8 if cfg.path == "pallas_tpu" else 1 << (rows - 1).bit_length()
+    return _TileShape(num_blocks, padded, rows, tile_rows)
 
 
 def _to_tiles(x, ts: _TileShape, cfg: _Config, kv_heads):
@@ -225,13 +227,16 @@ def _rows_to_tiles(x, ts: _TileShape, fill):
                    constant_values=fill)
 
 
-def _kernel_layout(k, v, scores, segments, th, cfg: _Config, ts: _TileShape, group, dtype) -> _KernelLayout:
+def _kernel_layout(k, v, scores, segments, th, cfg: _Config, ts: _TileShape, group, dtype, *, left=None,
+                   length=None) -> _KernelLayout:
+    """Keys padded by ``left`` rows (default the window) on the left and to ``length`` rows in all (default:
+    past the last padded block plus a key step), so every contiguous block a kernel reads is in bounds."""
     batch, seq, kv_heads, _ = k.shape
     B, w, bk = cfg.block_size, cfg.window, cfg.block_k
-    # Keys padded by the window on the left and past the last (padded) block on the right, so every
-    # contiguous slice a kernel reads is in bounds.
-    right = ts.padded_blocks * B + bk - seq
-    pad_keys = lambda x, value=0: jnp.pad(jnp.moveaxis(x, 1, 2), [(0, 0), (0, 0), (w, right)]
+    left = w if left is None else left
+    length = w + ts.padded_blocks * B + bk if length is None else length
+    right = length - left - seq
+    pad_keys = lambda x, value=0: jnp.pad(jnp.moveaxis(x, 1, 2), [(0, 0), (0, 0), (left, right)]
                                           + [(0, 0)] * (x.ndim - 3), constant_values=value)
     per_head = lambda x: jnp.broadcast_to(x[:, :, None], (batch, seq, kv_heads))
 
@@ -309,6 +314,83 @@ def _pallas_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Confi
     d_scores = _scores_gradient(direct, gsum, th, scores, segments, cfg)
     dq = _unblock(_from_tiles(dq, ts, seq, group), seq)
     return dq, dk, dv, d_scores
+
+
+def _tpu_layout(q, k, v, scores, segments, th, cfg: _Config):
+    """Arrays of ``pallas_kernels.tpu``: aligned padded keys, per-block gathered anchors, per-row columns."""
+    from pallas_kernels import tpu
+
+    seq, kv_heads = q.shape[1], k.shape[2]
+    group = q.shape[2] // kv_heads
+    ts = _tile_shape(seq, group, cfg)
+    B, w, bk, m = cfg.block_size, cfg.window, cfg.block_k, cfg.blocks_per_group
+    left = -(-w // bk) * bk
+    first = lambda i0: tpu.first_block(i0, window=w, left_pad=left, block_k=bk)
+    blocks_needed = max(first((ts.padded_blocks - 1) * B) + tpu.contiguous_blocks(w, B, bk),
+                        first((ts.padded_blocks // m - 1) * B * m) + tpu.contiguous_blocks(w, B * m, bk))
+    length = max(blocks_needed * bk, -(-(left + seq) // bk) * bk)
+    lay = _kernel_layout(k, v, scores, segments, th, cfg, ts, group, q.dtype, left=left, length=length)
+    column = lambda x: x[..., None]
+
+    def anchor_arrays(anchors):  # [b, hkv, n, A] -> gathered keys, values [.., A, d] and vectors [.., 1, A]
+        safe = jnp.maximum(anchors, 0)
+        heads_first = lambda x: jnp.moveaxis(x, 1, 2)
+        kv = [_gather_rows(heads_first(x.astype(q.dtype)), safe) for x in (k, v)]
+        vectors = [_gather_rows(x, safe)[..., None, :] for x in
+                   (heads_first(scores), jnp.broadcast_to(segments[:, None, :], (q.shape[0], kv_heads, seq)))]
+        return (*kv, *vectors, anchors[..., None, :])
+
+    shared = (lay.k, lay.v, lay.u[:, :, None, :], lay.seg[:, :, None, :])
+    rows = tuple(column(x) for x in (lay.query_pos, lay.query_seg, lay.tau, lay.theta, lay.theta_pos))
+    options = dict(seq=seq, window=w, block_q=B, block_k=bk, left_pad=left, scale=cfg.scale, gate_mode=cfg.gate,
+                   interpret=cfg.interpret)
+    return ts, group, shared, anchor_arrays, lay.anchors, rows, options
+
+
+def _tpu_forward(q, k, v, scores, segments, th, cfg: _Config):
+    from pallas_kernels.tpu import sparsek_forward
+
+    ts, group, shared, anchor_arrays, anchors, rows, options = _tpu_layout(q, k, v, scores, segments, th, cfg)
+    out, lse = sparsek_forward(_to_tiles(q, ts, cfg, k.shape[2]), *shared, *anchor_arrays(anchors), *rows,
+                               **options)
+    seq = q.shape[1]
+    return _from_tiles(out, ts, seq, group), _from_tiles(lse[..., 0], ts, seq, group)
+
+
+def _tpu_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
+    from pallas_kernels import tpu
+
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    ts, group, shared, anchor_arrays, anchors, rows, options = _tpu_layout(q, k, v, scores, segments, th, cfg)
+    q_tiles = _to_tiles(q, ts, cfg, kv_heads)
+    do_tiles = _to_tiles(d_out.astype(q.dtype), ts, cfg, kv_heads)
+    do_blocked = _blocks(d_out.astype(jnp.float32), ts.num_blocks, cfg.block_size).reshape(
+        batch, ts.num_blocks, cfg.block_size, kv_heads, group, head_dim).transpose(0, 3, 1, 2, 4, 5)
+    delta = _rows_to_tiles(jnp.sum(do_blocked * out, axis=-1), ts, 0.0)[..., None]  # D_i = dO_i . o_i
+    lse_tiles = _rows_to_tiles(lse, ts, 0.0)[..., None]
+    dq, gsum = tpu.sparsek_backward_queries(q_tiles, *shared, *anchor_arrays(anchors), *rows, do_tiles, lse_tiles,
+                                            delta, **options)
+    m = cfg.blocks_per_group
+    group_anchors = anchors[:, :, ::m]
+    dk_part, dv_part, du_part = tpu.sparsek_backward_keys(
+        q_tiles, *shared, *anchor_arrays(group_anchors), *rows, do_tiles, lse_tiles, delta, blocks_per_group=m,
+        **options)
+    slots = tpu.backward_keys_slots(cfg.window, cfg.block_size, cfg.block_k, m, group_anchors.shape[-1])
+    num_groups = ts.padded_blocks // m
+    starts = jnp.asarray([tpu.first_block(g * cfg.block_size * m, window=cfg.window, left_pad=options["left_pad"],
+                                          block_k=cfg.block_k) * cfg.block_k - options["left_pad"]
+                          for g in range(num_groups)], jnp.int32)
+    contiguous = starts[:, None] + jnp.arange(slots - group_anchors.shape[-1], dtype=jnp.int32)[None, :]
+    key_pos = jnp.concatenate([jnp.broadcast_to(contiguous, (batch, kv_heads) + contiguous.shape), group_anchors],
+                              axis=-1)
+    key_pos = jnp.where((key_pos >= 0) & (key_pos < seq), key_pos, -1)
+    dk = _scatter_add(dk_part, key_pos, seq)
+    dv = _scatter_add(dv_part, key_pos, seq)
+    direct = _scatter_add(du_part[:, :, :, 0], key_pos, seq)
+    gsum = jnp.sum(_from_tiles(gsum[..., 0], ts, seq, group), axis=-1)
+    d_scores = _scores_gradient(direct, gsum, th, scores, segments, cfg)
+    return _unblock(_from_tiles(dq, ts, seq, group), seq), dk, dv, d_scores
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -414,7 +496,7 @@ def _xla_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
 
 def _attention_bwd(cfg: _Config, residuals, d_out):
     q, k, v, scores, segments, out, lse, th = residuals
-    backward = _pallas_backward if cfg.path == "pallas_gpu" else _xla_backward
+    backward = {"pallas_gpu": _pallas_backward, "pallas_tpu": _tpu_backward}.get(cfg.path, _xla_backward)
     dq, dk, dv, d_scores = backward(q, k, v, scores, segments, out, lse, th, d_out, cfg)
     dk = jnp.moveaxis(dk, 1, 2).astype(k.dtype)
     dv = jnp.moveaxis(dv, 1, 2).astype(v.dtype)
@@ -426,7 +508,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def xla_sparsek_attention(q, k, v, scores, segment_ids=None, *, topk: int, window: int, gate: str,
                           scale: float, block_size: int = DEFAULT_BLOCK_SIZE, buffer_size: int | None = None,
-                          path: str = "xla", interpret: bool = False, block_k: int = 32,
+                          path: str = "xla", interpret: bool = False, block_k: int | None = None,
                           blocks_per_group: int = 16):
     """Blocked SparseK attention (see the module docstring); arguments as in ``sparsek_attention``,
     already validated. ``block_size`` queries share one gathered tile; ``buffer_size`` is the thresholds'
@@ -434,6 +516,8 @@ def xla_sparsek_attention(q, k, v, scores, segment_ids=None, *, topk: int, windo
     passes as the Pallas GPU kernels (``interpret=True``: in interpret mode on any backend), whose key-major
     backward groups ``blocks_per_group`` query blocks per super-block; ``block_k`` keys per kernel step."""
     batch, seq = q.shape[:2]
+    if block_k is None:  # TPU blocks are 128 lanes wide; Triton steps of 32 keys measured best on the H200
+        block_k = 128 if path == "pallas_tpu" else 32
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
     if buffer_size is None:
