@@ -59,6 +59,26 @@ def _chunk(rows, j, u_j, seg_j, valid, *, window, seq):
     return pattern(*rows, j, u_j, seg_j, valid, window=window, seq=seq)
 
 
+def _visit(step, start, run, update, key_refs, *, num_contiguous, window, block_k, left_pad, seq, reaches=True):
+    """Key step ``step`` of the tile of the run of ``run`` queries starting at ``start``: an aligned block of
+    contiguous keys (masked to the run's range ``(start - window, start + run - 1]``, so no key is counted
+    twice), then the anchor blocks. Calls ``update(k, v, j, u_j, seg_j, valid)`` with ``[1, block_k]`` key
+    vectors. ``reaches``: whether the contiguous block can be attended at all (skipped otherwise)."""
+    kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref = key_refs
+
+    @pl.when((step < num_contiguous) & reaches)
+    def _contiguous():
+        j = _key_positions(first_block(start, window=window, left_pad=left_pad, block_k=block_k) + step,
+                           left_pad=left_pad, block_k=block_k)
+        valid = (j > start - window) & (j <= start + run - 1) & (j >= 0) & (j < seq)
+        update(kc_ref[...], vc_ref[...], j, uc_ref[...], segc_ref[...], valid)
+
+    @pl.when(step >= num_contiguous)
+    def _anchors():
+        j = posa_ref[...]
+        update(ka_ref[...], va_ref[...], j, ua_ref[...], sega_ref[...], j >= 0)
+
+
 def _forward_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref,
                     qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr,
                     *, window, block_q, block_k, left_pad, seq, scale, gate_mode, num_contiguous):
@@ -86,17 +106,8 @@ def _forward_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_
                                                            preferred_element_type=jnp.float32)
         m_scr[...] = m_new
 
-    @pl.when(t < num_contiguous)
-    def _contiguous():
-        j = _key_positions(first_block(i0, window=window, left_pad=left_pad, block_k=block_k) + t,
-                           left_pad=left_pad, block_k=block_k)
-        valid = (j > i0 - window) & (j <= i0 + block_q - 1) & (j >= 0) & (j < seq)
-        update(kc_ref[...], vc_ref[...], j, uc_ref[...], segc_ref[...], valid)
-
-    @pl.when(t >= num_contiguous)
-    def _anchors():
-        j = posa_ref[...]
-        update(ka_ref[...], va_ref[...], j, ua_ref[...], sega_ref[...], j >= 0)
+    _visit(t, i0, block_q, update, (kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref),
+           num_contiguous=num_contiguous, window=window, block_k=block_k, left_pad=left_pad, seq=seq)
 
     @pl.when(t == num_steps - 1)
     def _finish():
@@ -129,17 +140,8 @@ def _backward_queries_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va
         dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
         gsum_scr[...] += jnp.sum(g, axis=1, keepdims=True)
 
-    @pl.when(t < num_contiguous)
-    def _contiguous():
-        j = _key_positions(first_block(i0, window=window, left_pad=left_pad, block_k=block_k) + t,
-                           left_pad=left_pad, block_k=block_k)
-        valid = (j > i0 - window) & (j <= i0 + block_q - 1) & (j >= 0) & (j < seq)
-        update(kc_ref[...], vc_ref[...], j, uc_ref[...], segc_ref[...], valid)
-
-    @pl.when(t >= num_contiguous)
-    def _anchors():
-        j = posa_ref[...]
-        update(ka_ref[...], va_ref[...], j, ua_ref[...], sega_ref[...], j >= 0)
+    _visit(t, i0, block_q, update, (kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref),
+           num_contiguous=num_contiguous, window=window, block_k=block_k, left_pad=left_pad, seq=seq)
 
     @pl.when(t == num_steps - 1)
     def _finish():
@@ -154,7 +156,6 @@ def _backward_keys_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_re
     g_idx, tile, c = pl.program_id(2), pl.program_id(3), pl.program_id(4)
     run = block_q * blocks_per_group
     s0 = g_idx * run
-    is_anchor = tile >= num_contiguous
     contiguous_j = _key_positions(first_block(s0, window=window, left_pad=left_pad, block_k=block_k) + tile,
                                   left_pad=left_pad, block_k=block_k)
     rows = _rows((qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref))
@@ -181,17 +182,9 @@ def _backward_keys_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_re
 
     # Query blocks that end before the tile's first key cannot attend to it.
     reaches = s0 + (c + 1) * block_q - 1 >= jnp.min(contiguous_j)
-
-    @pl.when(jnp.logical_not(is_anchor) & reaches)
-    def _contiguous():
-        j = contiguous_j
-        valid = (j > s0 - window) & (j <= s0 + run - 1) & (j >= 0) & (j < seq)
-        update(kc_ref[...], vc_ref[...], j, uc_ref[...], segc_ref[...], valid)
-
-    @pl.when(is_anchor)
-    def _anchors():
-        j = posa_ref[...]
-        update(ka_ref[...], va_ref[...], j, ua_ref[...], sega_ref[...], j >= 0)
+    _visit(tile, s0, run, update, (kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref),
+           num_contiguous=num_contiguous, window=window, block_k=block_k, left_pad=left_pad, seq=seq,
+           reaches=reaches)
 
     @pl.when(c == blocks_per_group - 1)
     def _finish():
