@@ -278,42 +278,51 @@ def _pallas_forward(q, k, v, scores, segments, th, cfg: _Config):
     return _from_tiles(out, ts, seq, group), _from_tiles(lse, ts, seq, group)
 
 
-def _pallas_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
-    """dq, dk, dv and the scores' gradient from the two backward kernels (docs/kernels.md)."""
-    from pallas_kernels.gpu import backward_keys_slots, sparsek_backward_keys, sparsek_backward_queries
-
-    batch, seq, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+def _backward_rows(q, d_out, out, lse, ts: _TileShape, cfg: _Config, kv_heads):
+    """Query-side inputs of the backward kernels: q and dO tiles, log-sum-exp and ``D_i = dO_i . o_i``
+    (``[b, hkv, padded_blocks, tile_rows]``)."""
+    batch, _, q_heads, head_dim = q.shape
     group = q_heads // kv_heads
-    ts = _tile_shape(seq, group, cfg)
-    lay = _kernel_layout(k, v, scores, segments, th, cfg, ts, group, q.dtype)
-    q_tiles = _to_tiles(q, ts, cfg, kv_heads)
-    do_tiles = _to_tiles(d_out.astype(q.dtype), ts, cfg, kv_heads)
     do_blocked = _blocks(d_out.astype(jnp.float32), ts.num_blocks, cfg.block_size).reshape(
         batch, ts.num_blocks, cfg.block_size, kv_heads, group, head_dim).transpose(0, 3, 1, 2, 4, 5)
-    delta = _rows_to_tiles(jnp.sum(do_blocked * out, axis=-1), ts, 0.0)  # D_i = dO_i . o_i
-    lse_tiles = _rows_to_tiles(lse, ts, 0.0)
-    options = _kernel_options(cfg, seq)
-    dq, gsum = sparsek_backward_queries(q_tiles, *lay, do_tiles, lse_tiles, delta, **options)
+    return (_to_tiles(q, ts, cfg, kv_heads), _to_tiles(d_out.astype(q.dtype), ts, cfg, kv_heads),
+            _rows_to_tiles(lse, ts, 0.0), _rows_to_tiles(jnp.sum(do_blocked * out, axis=-1), ts, 0.0))
 
-    m = cfg.blocks_per_group
-    group_anchors = lay.anchors[:, :, ::m]
-    dk_part, dv_part, du_part = sparsek_backward_keys(q_tiles, *lay[:4], group_anchors, *lay[5:], do_tiles,
-                                                      lse_tiles, delta, blocks_per_group=m, **options)
-    slots = backward_keys_slots(cfg.window, cfg.block_size, cfg.block_k, m, group_anchors.shape[-1])
-    num_groups = ts.padded_blocks // m
-    contiguous = (jnp.arange(num_groups, dtype=jnp.int32)[:, None] * (cfg.block_size * m) - cfg.window + 1
-                  + jnp.arange(slots - group_anchors.shape[-1], dtype=jnp.int32)[None, :])
+
+def _sum_backward(dq, gsum, partials, contiguous_start, group_anchors, th, scores, segments, cfg: _Config,
+                  ts: _TileShape, group):
+    """dq, dk, dv and the scores' gradient from the kernels' outputs: ``dq`` and ``gsum`` in tiles, and the
+    key-major kernel's per (super-block, slot) partial sums of dk, dv and du. Slot ``s`` of super-block ``g``
+    is key ``contiguous_start[g] + s`` below the contiguous slot count, then the super-block's anchors."""
+    batch, seq, kv_heads = scores.shape
+    num_contiguous = partials[0].shape[3] - group_anchors.shape[-1]
+    contiguous = contiguous_start[:, None] + jnp.arange(num_contiguous, dtype=jnp.int32)[None, :]
     key_pos = jnp.concatenate([jnp.broadcast_to(contiguous, (batch, kv_heads) + contiguous.shape), group_anchors],
                               axis=-1)
     key_pos = jnp.where((key_pos >= 0) & (key_pos < seq), key_pos, -1)
-    dk = _scatter_add(dk_part, key_pos, seq)
-    dv = _scatter_add(dv_part, key_pos, seq)
-    direct = _scatter_add(du_part, key_pos, seq)
+    dk, dv, direct = (_scatter_add(p, key_pos, seq) for p in partials)
     gsum = jnp.sum(_from_tiles(gsum, ts, seq, group), axis=-1)  # [b, hkv, nb, B]: summed over the group
     d_scores = _scores_gradient(direct, gsum, th, scores, segments, cfg)
-    dq = _unblock(_from_tiles(dq, ts, seq, group), seq)
-    return dq, dk, dv, d_scores
+    return _unblock(_from_tiles(dq, ts, seq, group), seq), dk, dv, d_scores
+
+
+def _pallas_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
+    """dq, dk, dv and the scores' gradient from the two GPU backward kernels (docs/kernels.md)."""
+    from pallas_kernels.gpu import sparsek_backward_keys, sparsek_backward_queries
+
+    seq, kv_heads = q.shape[1], k.shape[2]
+    group = q.shape[2] // kv_heads
+    ts = _tile_shape(seq, group, cfg)
+    lay = _kernel_layout(k, v, scores, segments, th, cfg, ts, group, q.dtype)
+    q_tiles, do_tiles, lse_tiles, delta = _backward_rows(q, d_out, out, lse, ts, cfg, kv_heads)
+    options = _kernel_options(cfg, seq)
+    dq, gsum = sparsek_backward_queries(q_tiles, *lay, do_tiles, lse_tiles, delta, **options)
+    m = cfg.blocks_per_group
+    group_anchors = lay.anchors[:, :, ::m]
+    partials = sparsek_backward_keys(q_tiles, *lay[:4], group_anchors, *lay[5:], do_tiles, lse_tiles, delta,
+                                     blocks_per_group=m, **options)
+    starts = jnp.arange(ts.padded_blocks // m, dtype=jnp.int32) * (cfg.block_size * m) - cfg.window + 1
+    return _sum_backward(dq, gsum, partials, starts, group_anchors, th, scores, segments, cfg, ts, group)
 
 
 def _tpu_layout(q, k, v, scores, segments, th, cfg: _Config):
@@ -358,17 +367,13 @@ def _tpu_forward(q, k, v, scores, segments, th, cfg: _Config):
 
 
 def _tpu_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
+    """dq, dk, dv and the scores' gradient from the two TPU backward kernels (docs/kernels.md)."""
     from pallas_kernels import tpu
 
-    batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     ts, group, shared, anchor_arrays, anchors, rows, options = _tpu_layout(q, k, v, scores, segments, th, cfg)
-    q_tiles = _to_tiles(q, ts, cfg, kv_heads)
-    do_tiles = _to_tiles(d_out.astype(q.dtype), ts, cfg, kv_heads)
-    do_blocked = _blocks(d_out.astype(jnp.float32), ts.num_blocks, cfg.block_size).reshape(
-        batch, ts.num_blocks, cfg.block_size, kv_heads, group, head_dim).transpose(0, 3, 1, 2, 4, 5)
-    delta = _rows_to_tiles(jnp.sum(do_blocked * out, axis=-1), ts, 0.0)[..., None]  # D_i = dO_i . o_i
-    lse_tiles = _rows_to_tiles(lse, ts, 0.0)[..., None]
+    q_tiles, do_tiles, lse_tiles, delta = (x[..., None] if x.ndim == 4 else x for x in
+                                           _backward_rows(q, d_out, out, lse, ts, cfg, kv_heads))
     dq, gsum = tpu.sparsek_backward_queries(q_tiles, *shared, *anchor_arrays(anchors), *rows, do_tiles, lse_tiles,
                                             delta, **options)
     m = cfg.blocks_per_group
@@ -376,21 +381,11 @@ def _tpu_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
     dk_part, dv_part, du_part = tpu.sparsek_backward_keys(
         q_tiles, *shared, *anchor_arrays(group_anchors), *rows, do_tiles, lse_tiles, delta, blocks_per_group=m,
         **options)
-    slots = tpu.backward_keys_slots(cfg.window, cfg.block_size, cfg.block_k, m, group_anchors.shape[-1])
-    num_groups = ts.padded_blocks // m
-    starts = jnp.asarray([tpu.first_block(g * cfg.block_size * m, window=cfg.window, left_pad=options["left_pad"],
-                                          block_k=cfg.block_k) * cfg.block_k - options["left_pad"]
-                          for g in range(num_groups)], jnp.int32)
-    contiguous = starts[:, None] + jnp.arange(slots - group_anchors.shape[-1], dtype=jnp.int32)[None, :]
-    key_pos = jnp.concatenate([jnp.broadcast_to(contiguous, (batch, kv_heads) + contiguous.shape), group_anchors],
-                              axis=-1)
-    key_pos = jnp.where((key_pos >= 0) & (key_pos < seq), key_pos, -1)
-    dk = _scatter_add(dk_part, key_pos, seq)
-    dv = _scatter_add(dv_part, key_pos, seq)
-    direct = _scatter_add(du_part[:, :, :, 0], key_pos, seq)
-    gsum = jnp.sum(_from_tiles(gsum[..., 0], ts, seq, group), axis=-1)
-    d_scores = _scores_gradient(direct, gsum, th, scores, segments, cfg)
-    return _unblock(_from_tiles(dq, ts, seq, group), seq), dk, dv, d_scores
+    left, bk = options["left_pad"], cfg.block_k
+    starts = jnp.asarray([tpu.first_block(g * cfg.block_size * m, window=cfg.window, left_pad=left, block_k=bk)
+                          * bk - left for g in range(ts.padded_blocks // m)], jnp.int32)
+    return _sum_backward(dq, gsum[..., 0], (dk_part, dv_part, du_part[:, :, :, 0]), starts, group_anchors, th,
+                         scores, segments, cfg, ts, group)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
