@@ -195,12 +195,18 @@ def _block_statistics(blk: _Block, *, topk: int, anchor_rows: tuple[int, ...], a
     def buffer_count(values, predicate, shape=shape):  # leading buffer entries where predicate holds
         return _count_leading(lambda i: predicate(values[i]), buffer_size, shape)
 
-    def fractional_terms(t):
-        """|U|, |M| and sum_M (z - center) of each row's visible keys at thresholds t [..., a]."""
+    def fractional_terms(t, *, upper_inclusive):
+        """|U|, |M| and sum_M (z - center) of each row's visible keys at thresholds t [..., a].
+
+        ``U = {z - 1 > t}`` is the partition on the piece just above ``t``; evaluating ``f(t)`` itself,
+        keys with ``z - 1 = t`` go to U too (``upper_inclusive``): their term is then exactly 1, where the
+        unclipped ``z - t`` of a prefix sum could round above 1 and make a flat ``f = k`` look ``> k``.
+        """
+        upper = (lambda z: z >= t) if upper_inclusive else (lambda z: z > t)
         b_above = jnp.where(sees, buffer_count(buf_z, lambda z: z > t, t.shape), 0)
-        b_upper = jnp.where(sees, buffer_count(buf_minus_one, lambda z: z > t, t.shape), 0)
+        b_upper = jnp.where(sees, buffer_count(buf_minus_one, upper, t.shape), 0)
         n_above = visible & (new_z > t[..., None])
-        n_upper = visible & (new_minus_one > t[..., None])
+        n_upper = visible & (new_minus_one >= t[..., None] if upper_inclusive else new_minus_one > t[..., None])
         n_mid = n_above & ~n_upper
         num_upper = b_upper + jnp.sum(n_upper, axis=-1, dtype=jnp.int32)
         num_mid = b_above - b_upper + jnp.sum(n_mid, axis=-1, dtype=jnp.int32)
@@ -209,7 +215,7 @@ def _block_statistics(blk: _Block, *, topk: int, anchor_rows: tuple[int, ...], a
         return num_upper, num_mid, sum_mid
 
     def f(t):
-        num_upper, num_mid, sum_mid = fractional_terms(t)
+        num_upper, num_mid, sum_mid = fractional_terms(t, upper_inclusive=True)
         return num_upper + sum_mid - num_mid * (t - center)
 
     lowest = jnp.minimum(jnp.min(jnp.where(buf_valid, buf_minus_one, jnp.inf), initial=jnp.inf),
@@ -225,7 +231,7 @@ def _block_statistics(blk: _Block, *, topk: int, anchor_rows: tuple[int, ...], a
     list_index = jnp.arange(4)[:, None]
     first = _count_leading(lambda i: f(points[list_index, i]) <= k, width, (4, rows), rolled=True)
     start = jnp.max(jnp.where(first < width, points[list_index, jnp.minimum(first, width - 1)], lowest), axis=0)
-    num_upper, num_mid, sum_mid = fractional_terms(start)
+    num_upper, num_mid, sum_mid = fractional_terms(start, upper_inclusive=False)
     # On (start, next breakpoint]: f(t) = |U| + sum_M (z - t) = k, solved relative to the center.
     tau = center + (sum_mid + num_upper - k) / jnp.where(has_cut & (num_mid > 0), num_mid, 1)
     tau = jnp.where(has_cut, tau, -jnp.inf)

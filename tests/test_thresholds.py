@@ -171,3 +171,22 @@ def test_scan_block_does_not_change_results(rng, window):
     np.testing.assert_allclose(np.asarray(one.tau)[both_exact], np.asarray(three.tau)[both_exact], atol=1e-6)
     sets = lambda x: [sorted(p for p in row if p >= 0) for row in np.asarray(x).reshape(-1, x.shape[-1])]
     assert sets(one.anchors) == sets(three.anchors)
+
+
+def test_flat_stretches_give_the_smallest_tau(rng):
+    # Widely spread scores leave gaps of more than 1 below the k-th largest: f = k on a whole interval, and
+    # tau must be its left end. The breakpoint z - 1 of the k-th key sits at the interval's right end, where
+    # an unclipped z - t would round just above 1; this once made the scan return the right end.
+    fn = jax.jit(lambda u: sk.prefix_thresholds(u, topk=4, window=0, block_size=8))
+    for draw in range(6):
+        u = jnp.asarray((rng.normal(size=(2, 24, 1)) * 3 + 0.3 * np.arange(24)[None, :, None]).astype(np.float32))
+        tau, _ = fn(u)
+        exp_tau, _, _ = dense_expectations(u, 4, 0, None)
+        np.testing.assert_allclose(np.asarray(tau), exp_tau, atol=2e-5, err_msg=f"draw {draw}")
+    # The case that exposed it (exact float32 values): k = 4 over the first ten keys, f = 4 on
+    # [0.8396, 0.9688]; 1.9688 - 0.9688 rounds to just above 1.
+    u = jnp.asarray([1.9688117504119873, 0.8396244049072266, -1.7881110906600952, -1.0726420879364014,
+                     0.7239075303077698, 0.19175346195697784, 3.73957896232605, -1.3926573991775513,
+                     3.489962100982666, 7.291604518890381, 3.6040866374969482], jnp.float32)
+    tau, _ = jax.jit(lambda u: sk.prefix_thresholds(u, topk=4, window=0, block_size=8))(u[None, :, None])
+    np.testing.assert_allclose(float(tau[0, 9, 0]), 0.8396244049072266, atol=1e-6)
