@@ -152,8 +152,16 @@ def _thresholds(scores, segments, cfg: _Config) -> BlockedThresholds | None:
                               buffer_size=cfg.buffer_size, block_size=cfg.block_size)
 
 
+def _materialized_scores(scores):
+    """float32 scores computed once. The selection compares scores for equality (``u_j == theta_i`` picks
+    the k-th key itself); if XLA fused the scores' producer into several consumers (thresholds, tiles,
+    kernel inputs), each copy could round differently (e.g. an FMA in one fusion only) and a key would miss
+    its own threshold. The barrier makes every consumer read the same buffer."""
+    return lax.optimization_barrier(lax.stop_gradient(scores.astype(jnp.float32)))
+
+
 def _forward(q, k, v, scores, segments, cfg: _Config):
-    scores = lax.stop_gradient(scores.astype(jnp.float32))
+    """scores: the output of ``_materialized_scores``."""
     th = _thresholds(scores, segments, cfg)
     if cfg.path in ("pallas_gpu", "pallas_tpu"):
         kernel_forward = _pallas_forward if cfg.path == "pallas_gpu" else _tpu_forward
@@ -390,13 +398,16 @@ def _tpu_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, scores, segments, cfg: _Config):
-    out, _, _ = _forward(q, k, v, scores, segments, cfg)
+    out, _, _ = _forward(q, k, v, _materialized_scores(scores), segments, cfg)
     return _unblock(out, q.shape[1]).astype(q.dtype)
 
 
 def _attention_fwd(q, k, v, scores, segments, cfg: _Config):
-    out, lse, th = _forward(q, k, v, scores, segments, cfg)
-    return _unblock(out, q.shape[1]).astype(q.dtype), (q, k, v, scores, segments, out, lse, th)
+    scores32 = _materialized_scores(scores)
+    out, lse, th = _forward(q, k, v, scores32, segments, cfg)
+    # The residual is the materialised copy, so that the backward compares the very floats `th` came from.
+    return _unblock(out, q.shape[1]).astype(q.dtype), (q, k, v, scores32, segments, out, lse, th,
+                                                        jnp.zeros((), scores.dtype))
 
 
 def _scatter_add(tile_values, key_pos, seq):
@@ -490,12 +501,12 @@ def _xla_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
 
 
 def _attention_bwd(cfg: _Config, residuals, d_out):
-    q, k, v, scores, segments, out, lse, th = residuals
+    q, k, v, scores, segments, out, lse, th, scores_dtype = residuals
     backward = {"pallas_gpu": _pallas_backward, "pallas_tpu": _tpu_backward}.get(cfg.path, _xla_backward)
     dq, dk, dv, d_scores = backward(q, k, v, scores, segments, out, lse, th, d_out, cfg)
     dk = jnp.moveaxis(dk, 1, 2).astype(k.dtype)
     dv = jnp.moveaxis(dv, 1, 2).astype(v.dtype)
-    return dq.astype(q.dtype), dk, dv, d_scores.astype(scores.dtype), None
+    return dq.astype(q.dtype), dk, dv, d_scores.astype(scores_dtype.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
