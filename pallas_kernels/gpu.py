@@ -28,6 +28,7 @@ The kernels take arrays and static sizes only; they know nothing of the library 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +37,14 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import MASK_VALUE, logits, pattern, score_gradients
 
-class _Rows:
+class _Rows(NamedTuple):
     """Per-row inputs of one query tile (loaded from refs)."""
 
-    def __init__(self, pos, seg, tau, theta, theta_pos):
-        self.pos, self.seg, self.tau, self.theta, self.theta_pos = pos, seg, tau, theta, theta_pos
+    pos: jax.Array
+    seg: jax.Array
+    tau: jax.Array
+    theta: jax.Array
+    theta_pos: jax.Array
 
 
 def _walk_tile(carry, update, refs, rows: _Rows, *, c, window, block_q, block_k, seq, num_anchors):

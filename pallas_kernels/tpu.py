@@ -79,22 +79,29 @@ def _visit(step, start, run, update, key_refs, *, num_contiguous, window, block_
         update(ka_ref[...], va_ref[...], j, ua_ref[...], sega_ref[...], j >= 0)
 
 
+def _query_major(key_refs, row_refs, init, update, finish, *, window, block_q, block_k, left_pad, seq,
+                 num_contiguous):
+    """The walk shared by the forward and ``dq`` kernels (grid: batch, KV head, query block, key step):
+    ``init()`` at the first key step, ``update(rows, k, v, j, u_j, seg_j, valid)`` at every step, and
+    ``finish()`` at the last; accumulators live in the caller's VMEM scratch."""
+    c, t = pl.program_id(2), pl.program_id(3)
+    rows = _rows(row_refs)
+    pl.when(t == 0)(init)
+    _visit(t, c * block_q, block_q, functools.partial(update, rows), key_refs, num_contiguous=num_contiguous,
+           window=window, block_k=block_k, left_pad=left_pad, seq=seq)
+    pl.when(t == pl.num_programs(3) - 1)(finish)
+
+
 def _forward_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref,
                     qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr,
-                    *, window, block_q, block_k, left_pad, seq, scale, gate_mode, num_contiguous):
-    c, t = pl.program_id(2), pl.program_id(3)
-    num_steps = pl.num_programs(3)
-    i0 = c * block_q
-    rows = _rows((qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref))
-
-    @pl.when(t == 0)
-    def _init():
+                    *, scale, gate_mode, **walk):
+    def init():
         m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-    def update(k, v, j, u_j, seg_j, valid):
-        allowed, gates, _ = _chunk(rows, j, u_j, seg_j, valid, window=window, seq=seq)
+    def update(rows, k, v, j, u_j, seg_j, valid):
+        allowed, gates, _ = _chunk(rows, j, u_j, seg_j, valid, window=walk["window"], seq=walk["seq"])
         s = logits(q_ref[...], k, allowed, gates, scale=scale, gate_mode=gate_mode)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -106,33 +113,25 @@ def _forward_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_
                                                            preferred_element_type=jnp.float32)
         m_scr[...] = m_new
 
-    _visit(t, i0, block_q, update, (kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref),
-           num_contiguous=num_contiguous, window=window, block_k=block_k, left_pad=left_pad, seq=seq)
-
-    @pl.when(t == num_steps - 1)
-    def _finish():
+    def finish():
         total = l_scr[...]
         has_keys = total > 0
         o_ref[...] = (acc_scr[...] / jnp.where(has_keys, total, 1.0)).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(has_keys, m_scr[...] + jnp.log(jnp.where(has_keys, total, 1.0)), 0.0)
 
+    _query_major((kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref),
+                 (qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref), init, update, finish, **walk)
+
 
 def _backward_queries_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref,
                              qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref, do_ref, lse_ref, delta_ref,
-                             dq_ref, gsum_ref, dq_scr, gsum_scr, *, window, block_q, block_k, left_pad, seq, scale,
-                             gate_mode, num_contiguous):
-    c, t = pl.program_id(2), pl.program_id(3)
-    num_steps = pl.num_programs(3)
-    i0 = c * block_q
-    rows = _rows((qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref))
-
-    @pl.when(t == 0)
-    def _init():
+                             dq_ref, gsum_ref, dq_scr, gsum_scr, *, scale, gate_mode, **walk):
+    def init():
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
         gsum_scr[...] = jnp.zeros(gsum_scr.shape, jnp.float32)
 
-    def update(k, v, j, u_j, seg_j, valid):
-        allowed, gates, fractional = _chunk(rows, j, u_j, seg_j, valid, window=window, seq=seq)
+    def update(rows, k, v, j, u_j, seg_j, valid):
+        allowed, gates, fractional = _chunk(rows, j, u_j, seg_j, valid, window=walk["window"], seq=walk["seq"])
         s = logits(q_ref[...], k, allowed, gates, scale=scale, gate_mode=gate_mode)
         p = jnp.where(allowed, jnp.exp(s - lse_ref[...]), 0.0)
         dp = lax.dot_general(do_ref[...], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -140,13 +139,12 @@ def _backward_queries_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va
         dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
         gsum_scr[...] += jnp.sum(g, axis=1, keepdims=True)
 
-    _visit(t, i0, block_q, update, (kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref),
-           num_contiguous=num_contiguous, window=window, block_k=block_k, left_pad=left_pad, seq=seq)
-
-    @pl.when(t == num_steps - 1)
-    def _finish():
+    def finish():
         dq_ref[...] = dq_scr[...] * scale
         gsum_ref[...] = gsum_scr[...]
+
+    _query_major((kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref),
+                 (qpos_ref, qseg_ref, tau_ref, theta_ref, theta_pos_ref), init, update, finish, **walk)
 
 
 def _backward_keys_kernel(q_ref, kc_ref, vc_ref, uc_ref, segc_ref, ka_ref, va_ref, ua_ref, sega_ref, posa_ref,

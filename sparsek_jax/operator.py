@@ -10,8 +10,9 @@ the two sorted breakpoint lists in O(m log m), and is solved there in closed for
 valid ``tau`` when the solution is not unique (a gap of at least one below the k-th largest score), which
 keeps thresholds non-decreasing along growing prefixes.
 
-The same routine (``threshold_of_sorted``) serves the dense operator here and the blocked prefix
-thresholds in ``thresholds.py``, so both agree by construction on identical inputs.
+The same routine (``threshold_of_sorted``) serves the dense operator here and the decoding cache
+(``kv_cache.py``); the blocked prefix thresholds (``thresholds.py``) run the same search with counts and
+prefix sums in place of the sorted row, and the tests compare them against an independent bisection.
 """
 
 from __future__ import annotations

@@ -202,11 +202,11 @@ def _block_statistics(blk: _Block, *, topk: int, anchor_rows: tuple[int, ...], a
         keys with ``z - 1 = t`` go to U too (``upper_inclusive``): their term is then exactly 1, where the
         unclipped ``z - t`` of a prefix sum could round above 1 and make a flat ``f = k`` look ``> k``.
         """
-        upper = (lambda z: z >= t) if upper_inclusive else (lambda z: z > t)
+        in_upper = jnp.greater_equal if upper_inclusive else jnp.greater
         b_above = jnp.where(sees, buffer_count(buf_z, lambda z: z > t, t.shape), 0)
-        b_upper = jnp.where(sees, buffer_count(buf_minus_one, upper, t.shape), 0)
+        b_upper = jnp.where(sees, buffer_count(buf_minus_one, lambda z: in_upper(z, t), t.shape), 0)
         n_above = visible & (new_z > t[..., None])
-        n_upper = visible & (new_minus_one >= t[..., None] if upper_inclusive else new_minus_one > t[..., None])
+        n_upper = visible & in_upper(new_minus_one, t[..., None])
         n_mid = n_above & ~n_upper
         num_upper = b_upper + jnp.sum(n_upper, axis=-1, dtype=jnp.int32)
         num_mid = b_above - b_upper + jnp.sum(n_mid, axis=-1, dtype=jnp.int32)
@@ -345,22 +345,17 @@ class BlockedThresholds(NamedTuple):
     anchors: jax.Array
 
 
-def default_scan_block(block_size: int) -> int:
-    """Keys per threshold scan block: the attention's query block (64 by default). Measured on the H200 at
-    64k tokens (benchmarks/results/gpu_breakdown.json): 64 keys 25 ms, 128 keys 30 ms, 256 keys 41 ms; the
-    per-position work grows with the block faster than the scan over blocks shrinks."""
-    return block_size
-
-
 @functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size", "scan_block"))
 def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size,
                        scan_block=None) -> BlockedThresholds:
     """Thresholds of every query plus per-query-block anchors. scores float32 ``[batch, seq, kv_heads]``,
     segments int32 ``[batch, seq]``, ``1 <= topk``, ``topk <= buffer_size`` unless ``topk >= seq``.
     ``block_size``: queries per attention block (one anchor list each); ``scan_block``: keys per scan block,
-    a multiple of ``block_size`` (default ``default_scan_block``)."""
+    a multiple of ``block_size``, by default ``block_size`` itself: on the H200 at 64k tokens
+    (benchmarks/results/gpu_breakdown.json) 64 keys took 25 ms, 128 keys 30 ms, 256 keys 41 ms; the
+    per-position work grows with the block faster than the scan over blocks shrinks."""
     seq = scores.shape[1]
-    scan_block = default_scan_block(block_size) if scan_block is None else scan_block
+    scan_block = block_size if scan_block is None else scan_block
     if scan_block % block_size:
         raise ValueError(f"scan_block: expected a multiple of block_size={block_size}, received {scan_block}")
     num_blocks = -(-seq // block_size)

@@ -48,7 +48,7 @@ class _Config(NamedTuple):
     scale: float
     block_size: int
     buffer_size: int
-    path: str = "xla"          # "xla" (blocked einsums) or "pallas_gpu" (the fused kernels, forward and backward)
+    path: str = "xla"          # "xla" (blocked einsums), "pallas_gpu" or "pallas_tpu" (the kernels, both passes)
     interpret: bool = False    # run the Pallas kernels in interpret mode
     block_k: int = 32          # keys per kernel step
     blocks_per_group: int = 16  # query blocks per super-block of the key-major backward kernel
@@ -406,6 +406,7 @@ def _attention_fwd(q, k, v, scores, segments, cfg: _Config):
     scores32 = _materialized_scores(scores)
     out, lse, th = _forward(q, k, v, scores32, segments, cfg)
     # The residual is the materialised copy, so that the backward compares the very floats `th` came from.
+    # A zero of the scores' dtype carries that dtype to the backward (residuals must be arrays).
     return _unblock(out, q.shape[1]).astype(q.dtype), (q, k, v, scores32, segments, out, lse, th,
                                                         jnp.zeros((), scores.dtype))
 
@@ -518,8 +519,9 @@ def xla_sparsek_attention(q, k, v, scores, segment_ids=None, *, topk: int, windo
                           blocks_per_group: int = 16):
     """Blocked SparseK attention (see the module docstring); arguments as in ``sparsek_attention``,
     already validated. ``block_size`` queries share one gathered tile; ``buffer_size`` is the thresholds'
-    bounded buffer (default ``default_buffer_size``). ``path="pallas_gpu"`` runs the forward and backward
-    passes as the Pallas GPU kernels (``interpret=True``: in interpret mode on any backend), whose key-major
+    bounded buffer (default ``default_buffer_size``). ``path="pallas_gpu"`` / ``"pallas_tpu"`` runs the forward
+    and backward passes as the Pallas GPU / TPU kernels (``interpret=True``: in interpret mode on any
+    backend), whose key-major
     backward groups ``blocks_per_group`` query blocks per super-block; ``block_k`` keys per kernel step."""
     batch, seq = q.shape[:2]
     if block_k is None:  # TPU blocks are 128 lanes wide; Triton steps of 32 keys measured best on the H200
