@@ -140,9 +140,9 @@ def main(argv=None):
                         help="only redraw the plot and reprint the table from benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
     # Most telling first, so that a run cut short still answers the main questions.
-    cases = [(65536, 12, 12, 64, 1024, 1024), (8192, 12, 12, 64, 1024, 1024), (65536, 12, 4, 64, 1024, 1024),
-             (65536, 12, 12, 128, 1024, 1024), (65536, 12, 12, 64, 256, 256), (65536, 12, 12, 64, 2048, 2048)]
-    cases += [(s, 12, 12, 64, 1024, 1024) for s in (4096, 16384, 32768, 131072)]
+    cases = [(s, 12, 12, 64, 1024, 1024) for s in (65536, 8192, 16384, 32768, 131072)]
+    cases += [(65536, 12, 4, 64, 1024, 1024), (65536, 12, 12, 128, 1024, 1024), (65536, 12, 12, 64, 256, 256),
+              (65536, 12, 12, 64, 2048, 2048), (4096, 12, 12, 64, 1024, 1024)]
     if args.quick:
         cases = cases[:2]
     name, device, baseline = NAME, jax.devices()[0].device_kind, BASELINE

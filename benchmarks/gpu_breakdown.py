@@ -1,14 +1,24 @@
-"""Where SparseK's time goes: the thresholds (per scan block and buffer size) and the whole forward.
+"""Where the thresholds' time goes on the GPU, stage by stage, and what the whole SparseK forward costs.
 
-    python -m benchmarks.gpu_breakdown [--seqs 8192 65536] [--scan-blocks 64 128 256]
+    python -m benchmarks.gpu_breakdown [--seqs 8192 65536 131072] [--scan-blocks 256 512]
 
-bf16, 12 heads, head_dim 64, batch x seq = 65,536 tokens, topk = window = 1024, median of 5.
-Writes benchmarks/results/gpu_breakdown.json.
+bf16 inputs, 12 heads, head_dim 64, batch x seq = 65,536 tokens, topk = window = 1024, median of 5. Stages of
+``blocked_thresholds(..., implementation="pallas_gpu")`` (see docs/kernels.md, "Thresholds"):
+
+- prepare: chunk sort, per-chunk summaries and their associative scan (Pallas merge kernel), the cut-state
+  kernel (``prepare`` includes it; ``cut_states`` is that kernel alone);
+- lanes: the event-simulation kernel;
+- total: everything, with the anchor lists and the shift to queries.
+
+Also the compile time of forward+backward of the attention at the longest lengths. Writes
+benchmarks/results/gpu_breakdown.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,33 +26,59 @@ import jax.numpy as jnp
 import sparsek_jax as sk
 from benchmarks import reporting
 from benchmarks.gpu_attention import make_inputs, time_ms
-from sparsek_jax.thresholds import blocked_thresholds, default_buffer_size
+from pallas_kernels import thresholds as lanes
+from sparsek_jax import thresholds
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 65536])
-    parser.add_argument("--scan-blocks", type=int, nargs="+", default=[64, 128, 256])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 65536, 131072])
+    parser.add_argument("--scan-blocks", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=64)
     args = parser.parse_args(argv)
+    k = args.topk
     rows = []
     for seq in args.seqs:
-        q, k, v, u = make_inputs(seq, 12, 12, 64)
+        q, kk, v, u = make_inputs(seq, 12, 12, 64)
         segments = jnp.zeros(u.shape[:2], jnp.int32)
+        buffer = thresholds.default_buffer_size(k, seq)
+        row_u = jnp.moveaxis(u, 2, 1).reshape(-1, seq)
+        row_seg = jnp.zeros(row_u.shape, jnp.int32)
         row = {"seq": seq, "batch": q.shape[0]}
-        for buffer in (default_buffer_size(args.topk, seq), args.topk + 64):
-            for scan_block in args.scan_blocks:
-                thresholds = jax.jit(lambda u: blocked_thresholds(
-                    u, segments, topk=args.topk, window=args.window, buffer_size=buffer,
-                    block_size=args.block_size, scan_block=scan_block))
-                row[f"thresholds_R{buffer}_T{scan_block}_ms"] = time_ms(thresholds, u, repeats=5)
-                print(row, flush=True)
-        for impl in ("pallas_gpu", "xla"):
-            f = jax.jit(lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=args.topk, window=args.window,
-                                                                implementation=impl))
-            row[f"{impl}_fwd_total_ms"] = time_ms(f, q, k, v, u, repeats=5)
+        for chunk in args.scan_blocks:
+            prepare = jax.jit(functools.partial(thresholds._prepare_chunks, topk=k, buffer_size=buffer, chunk=chunk,
+                                                implementation="pallas_gpu"))
+            row[f"C{chunk}_prepare_ms"] = time_ms(prepare, row_u, row_seg, repeats=5)
+            ch = prepare(row_u, row_seg)
+            flat = lambda x: x.reshape((-1,) + x.shape[2:])
+            scalars = jnp.zeros((flat(ch.q_z).shape[0], 4), jnp.int32).at[:, 0].set(ch.info.a_count).at[:, 2].set(
+                ch.info.cut_pos)
+            cut_states = jax.jit(functools.partial(lanes.pallas_cut_states, k=k))
+            a_z = ch.lists.a_z.reshape(-1, buffer)
+            row[f"C{chunk}_cut_states_ms"] = time_ms(cut_states, a_z, flat(ch.a_pos), flat(ch.q_z), flat(ch.q_pos),
+                                                     flat(ch.q_seg), scalars, repeats=5)
+            run_lanes = jax.jit(functools.partial(lanes.pallas_lanes, k=k, buffer_size=buffer, chunk=chunk,
+                                                  block=args.block_size, anchor_offset=0))
+            row[f"C{chunk}_lanes_ms"] = time_ms(run_lanes, ch.lists, ch.info, ch.chunk_cut, ch.start_cut, repeats=5)
+            total = jax.jit(functools.partial(thresholds.blocked_thresholds, topk=k, window=args.window,
+                                              buffer_size=buffer, block_size=args.block_size, scan_block=chunk,
+                                              implementation="pallas_gpu"))
+            start = time.perf_counter()
+            total.lower(u, segments).compile()
+            row[f"C{chunk}_compile_s"] = time.perf_counter() - start
+            row[f"C{chunk}_total_ms"] = time_ms(total, u, segments, repeats=5)
+            print(row, flush=True)
+        forward = jax.jit(lambda q, kk, v, u: sk.sparsek_attention(q, kk, v, u, topk=k, window=args.window,
+                                                                   implementation="pallas_gpu"))
+        row["fwd_total_ms"] = time_ms(forward, q, kk, v, u, repeats=5)
+        if seq >= 65536:
+            both = jax.jit(jax.grad(lambda *a: jnp.sum(sk.sparsek_attention(
+                *a, topk=k, window=args.window, implementation="pallas_gpu").astype(jnp.float32)), argnums=(0, 1, 2, 3)))
+            start = time.perf_counter()
+            both.lower(q, kk, v, u).compile()
+            row["fwdbwd_compile_s"] = time.perf_counter() - start
         print(row, flush=True)
         rows.append(row)
         reporting.write_json("gpu_breakdown", vars(args), rows)

@@ -149,7 +149,9 @@ def _thresholds(scores, segments, cfg: _Config) -> BlockedThresholds | None:
     if cfg.topk == 0:  # plain sliding window: nothing to select
         return None
     return blocked_thresholds(scores, segments, topk=cfg.topk, window=cfg.window,
-                              buffer_size=cfg.buffer_size, block_size=cfg.block_size)
+                              buffer_size=cfg.buffer_size, block_size=cfg.block_size,
+                              implementation="pallas_gpu" if cfg.path == "pallas_gpu" else "xla",
+                              interpret=cfg.interpret)
 
 
 def _materialized_scores(scores):

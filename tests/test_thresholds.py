@@ -190,3 +190,22 @@ def test_flat_stretches_give_the_smallest_tau(rng):
                      3.489962100982666, 7.291604518890381, 3.6040866374969482], jnp.float32)
     tau, _ = jax.jit(lambda u: sk.prefix_thresholds(u, topk=4, window=0, block_size=8))(u[None, :, None])
     np.testing.assert_allclose(float(tau[0, 9, 0]), 0.8396244049072266, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq, batch", [(8192, 8), (65536, 1)])
+def test_gpu_kernels_match_xla(seq, batch):
+    # The Pallas GPU path (merge, cut-state and lane kernels) against the XLA path at real sizes: theta, its
+    # position and the anchors exactly; tau and the counts to the last bits (reductions may differ in order).
+    from sparsek_jax.thresholds import blocked_thresholds
+    key = jax.random.key(seq)
+    u = jax.random.normal(key, (batch, seq, 12)) + 1e-3 * jnp.arange(seq)[None, :, None]
+    segments = jnp.zeros((batch, seq), jnp.int32)
+    run = lambda impl: blocked_thresholds(u, segments, topk=1024, window=1024, buffer_size=2048, block_size=64,
+                                          implementation=impl)
+    xla, gpu = run("xla"), run("pallas_gpu")
+    for name in ("theta", "theta_pos", "anchors", "exact"):
+        np.testing.assert_array_equal(np.asarray(getattr(gpu, name)), np.asarray(getattr(xla, name)), err_msg=name)
+    np.testing.assert_allclose(np.asarray(gpu.tau), np.asarray(xla.tau), rtol=1e-6, atol=1e-6)
+    differ = np.asarray(gpu.num_fractional) != np.asarray(xla.num_fractional)
+    assert differ.mean() < 1e-4, f"num_fractional differs at {differ.sum()} of {differ.size} positions"

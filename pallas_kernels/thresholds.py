@@ -1,0 +1,679 @@
+"""Prefix thresholds by event simulation over chunks: the math, its XLA driver and its Pallas GPU kernels.
+
+A row of key scores is cut into chunks of ``C`` consecutive keys. For every key prefix ``t`` of the row (the
+keys ``j <= t`` of ``t``'s document) the caller needs ``tau_t`` (the SPARSEK threshold with budget ``k``),
+``theta_t`` (the k-th largest score, ties: newer first) and the number of fractional keys. One *lane* walks
+one chunk, key by key, and keeps only what the thresholds depend on:
+
+- the counts ``|U|`` (keys with ``z - 1 > tau``, gate 1) and ``|M|`` (``tau < z <= tau + 1``, fractional)
+  and the sum of ``z - c0`` over ``M``, as a float-float pair (TwoSum), so that ``tau`` is the closed form
+  ``c0 + (|U| - k + sum_M (z - c0)) / |M|`` of the linear piece it lies on;
+- pointers into two lists sorted by ``(score, position)`` descending: ``A``, the top ``R`` keys of the
+  document before the chunk (a bounded buffer), and ``Q``, the chunk's own keys (a key of ``Q`` takes part
+  once it has arrived, i.e. its position is ``<= t``, and while it is in the current document).
+
+Because ``tau`` and ``theta`` never decrease within a document, every pointer only moves up: a new key that
+lands above ``tau`` raises ``f(tau) = sum clip(z - tau, 0, 1)`` above ``k``, and ``tau`` climbs, crossing
+breakpoints (a key's ``z - 1``: it leaves ``U`` for ``M``; its ``z``: it leaves ``M``) until the root lies on
+the current piece. Each key's two breakpoints are crossed at most once, so a chunk costs ``O(C + crossings)``
+steps, and lanes are independent. The state at a chunk's start (and at the first key of a document that
+makes the candidate set exceed ``k``) comes from a vectorised search over the sorted lists
+(``cut_state``). ``theta`` is the lowest member of the top-k, ``A[:a_top]`` plus the arrived keys of
+``Q[:q_top]``; a newcomer above it pops the lowest member.
+
+Every function here is written once on arrays of lanes and runs both as plain XLA (all lanes at once, the
+path used on CPU and TPU and the twin the kernels are tested against) and inside ``pallas_call`` (a block of
+lanes per program, the same code reading and writing refs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+NEG_INF = float("-inf")
+
+
+class Lists(NamedTuple):
+    """What the lanes read, flattened to one axis per field (lane ``l`` owns ``[l * width, (l + 1) * width)``).
+
+    a_z, a_pos: the start buffer ``A`` of each lane, ``[lanes * R]``: top ``R`` keys of the document before the
+      chunk, sorted by (score, position) descending, padding ``-inf`` / ``-1``.
+    q_z, q_pos, q_seg: the chunk's keys sorted the same way, ``[lanes * C]`` (padding ``-inf`` / ``-1``).
+    key_z, key_seg: the chunk's keys in position order, ``[lanes * C]``.
+    """
+
+    a_z: jax.Array
+    a_pos: jax.Array
+    q_z: jax.Array
+    q_pos: jax.Array
+    q_seg: jax.Array
+    key_z: jax.Array
+    key_seg: jax.Array
+
+
+class LaneInfo(NamedTuple):
+    """Per-lane scalars, each ``[lanes]``."""
+
+    start: jax.Array      # int32 position of the chunk's first key
+    length: jax.Array     # int32 valid keys in the chunk
+    a_count: jax.Array    # int32 valid entries of A
+    a_doc: jax.Array      # int32 document (segment id) of A; -2 when there is no past
+    a_dropped: jax.Array  # float32 largest score ever cut from A (-inf if none)
+    count0: jax.Array     # int32 keys of document a_doc before the chunk (not capped at R)
+    cut_pos: jax.Array    # int32 position of the first key in the chunk that starts a cut, or -1
+
+
+class Cut(NamedTuple):
+    """The part of a lane's state that exists once a document has more than ``k`` candidates (``[lanes]``)."""
+
+    tau: jax.Array
+    c0: jax.Array         # centre of the sums (an integer value)
+    n_upper: jax.Array    # |U| among visible keys
+    n_mid: jax.Array      # |M| among visible keys
+    sum_hi: jax.Array     # sum over M of (z - c0): float-float pair
+    sum_lo: jax.Array
+    a_upper: jax.Array    # #{A: z - 1 > tau}
+    a_mid: jax.Array      # #{A: z > tau}
+    q_upper: jax.Array    # #{Q (all entries): z - 1 > tau}
+    q_mid: jax.Array      # #{Q (all entries): z > tau}
+    a_top: jax.Array      # A[:a_top] are top-k members
+    q_top: jax.Array      # Q[:q_top] rank at or above theta (members once arrived)
+    theta: jax.Array
+    theta_pos: jax.Array
+
+
+class State(NamedTuple):
+    t: jax.Array          # position being processed (after its arrival) or next to arrive
+    ready: jax.Array      # waiting for the arrival of key t
+    doc: jax.Array
+    a_vis: jax.Array      # A belongs to the current document
+    count: jax.Array      # keys of the current document so far
+    cut: Cut
+    is_cut: jax.Array
+    tau_done: jax.Array
+    removals: jax.Array   # members still to pop from the top-k
+    theta_done: jax.Array
+    a_frac: jax.Array     # #{A: z - tau >= 1} (the float test of the attention's gates)
+    q_frac: jax.Array     # #{Q: z - tau >= 1}
+    q_adjust: jax.Array   # arrived Q keys counted as fractional beyond the state's M, minus those not
+    frac_done: jax.Array
+
+
+class Outputs(NamedTuple):
+    """Per position ``[lanes * (C + 1)]`` (the last slot of each lane is a sink) and per anchor row
+    ``[lanes * (C // block + 1)]``."""
+
+    tau: jax.Array
+    theta: jax.Array
+    theta_pos: jax.Array
+    num_fractional: jax.Array
+    exact: jax.Array
+    anchor_top: jax.Array  # entries of A among the selected keys of each anchor row
+
+
+def two_sum(hi, lo, x):
+    """(hi, lo) + x as a float-float pair (Knuth's TwoSum; exact error term, no multiplications)."""
+    s = hi + x
+    bb = s - hi
+    err = (hi - (s - bb)) + (x - bb)
+    return s, lo + err
+
+
+def _split_sums(x, mask, axis=-1):
+    """Sum of float32 ``x`` (|x| < 4, up to 2**12 terms) where ``mask``, as (integer-grid part, rest) sums that
+    do not depend on the order of summation: the coarse parts are multiples of 2**-11 and 2**-23 whose sums
+    are exact in float32, and the remainder is below 2**-23 per term."""
+    x = jnp.where(mask, x, 0.0)
+    hi = jnp.floor(x * 2048.0) * (1.0 / 2048.0)
+    rest = x - hi
+    mid = jnp.floor(rest * 8388608.0) * (1.0 / 8388608.0)
+    lo = rest - mid
+    return jnp.sum(hi, axis=axis), jnp.sum(mid, axis=axis), jnp.sum(lo, axis=axis)
+
+
+def _count_leading(predicate, length: int, shape):
+    """Number of leading indices ``i < length`` where ``predicate(i)`` holds (true on a prefix)."""
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        holds = predicate(jnp.minimum(mid, max(length - 1, 0))) & (mid < hi)
+        return jnp.where(holds, mid + 1, lo), jnp.where(holds, hi, mid)
+
+    bounds = (jnp.zeros(shape, jnp.int32), jnp.full(shape, length, jnp.int32))
+    return lax.fori_loop(0, int(length).bit_length(), step, bounds)[0]
+
+
+def _pick(values, index):
+    """values[index] for a vector ``values`` [m] and an int array ``index`` [...], as a masked reduction
+    (no gather: the same code lowers in Triton, where values live in registers)."""
+    iota = lax.broadcasted_iota(jnp.int32, index.shape + values.shape, index.ndim)
+    hit = iota == index[..., None]
+    if jnp.issubdtype(values.dtype, jnp.floating):
+        return jnp.max(jnp.where(hit, values, -jnp.inf), axis=-1)
+    return jnp.max(jnp.where(hit, values, jnp.iinfo(values.dtype).min), axis=-1)
+
+
+def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut:
+    """The lane state for a visible set ``V = A[a_valid] + Q[q_vis]`` of more than ``k`` keys (one chunk).
+
+    ``a_*`` [R] and ``q_*`` [C] are sorted by (score, position) descending; ``a_valid`` marks the entries of A
+    that are visible (a prefix), ``q_valid`` the real entries of Q (a prefix) and ``q_vis`` those in ``V``.
+    ``theta`` is found by two rank searches, ``tau`` by four binary searches run side by side (the largest
+    breakpoint ``b`` -- some ``z`` or ``z - 1`` -- with ``f(b) > k``), then the closed form on the linear piece
+    after it. Every ``f(b) > k`` decision sums clipped terms on exact grids (``_split_sums``).
+    """
+    R, C = a_z.shape[0], q_z.shape[0]
+    ia, iq = jnp.arange(R, dtype=jnp.int32), jnp.arange(C, dtype=jnp.int32)
+    a_count = jnp.sum(a_valid, dtype=jnp.int32)
+
+    # theta: the visible key of rank k - 1. A key of Q outranks a key of A at equal score (it is newer).
+    def rank_a(i):  # rank of A[i] among V
+        z = _pick(a_z, i)
+        return i + jnp.sum(q_vis[None, :] & (q_z[None, :] >= z[:, None]), axis=1, dtype=jnp.int32)
+
+    def rank_q(j):  # visible keys ranked above Q[j]
+        z = _pick(q_z, j)
+        return (jnp.sum(q_vis[None, :] & (iq[None, :] < j[:, None]), axis=1, dtype=jnp.int32)
+                + jnp.sum(a_valid[None, :] & (a_z[None, :] > z[:, None]), axis=1, dtype=jnp.int32))
+
+    one = (1,)
+    i_star = _count_leading(lambda i: rank_a(i) < k - 1, R, one)
+    from_a = (i_star < a_count) & (rank_a(jnp.minimum(i_star, R - 1)) == k - 1)
+    j_star = _count_leading(lambda j: rank_q(j) < k - 1, C, one)
+    j_vis = jnp.min(jnp.where(q_vis & (iq >= j_star), iq, C), keepdims=True)
+    theta = jnp.where(from_a, _pick(a_z, jnp.minimum(i_star, R - 1)), _pick(q_z, jnp.minimum(j_vis, C - 1)))
+    theta_pos = jnp.where(from_a, _pick(a_pos, jnp.minimum(i_star, R - 1)), _pick(q_pos, jnp.minimum(j_vis, C - 1)))
+
+    # tau: f(b) = sum_V clip(z - b, 0, 1), decided against k on exact grids.
+    def f_above_k(b):  # b [P] -> bool [P]
+        ta = jnp.clip(a_z[None, :] - b[:, None], 0.0, 1.0)
+        tq = jnp.clip(q_z[None, :] - b[:, None], 0.0, 1.0)
+        ones = (jnp.sum(a_valid[None, :] & (ta == 1.0), axis=1, dtype=jnp.int32)
+                + jnp.sum(q_vis[None, :] & (tq == 1.0), axis=1, dtype=jnp.int32))
+        frac_a = a_valid[None, :] & (ta > 0.0) & (ta < 1.0)
+        frac_q = q_vis[None, :] & (tq > 0.0) & (tq < 1.0)
+        ha, ma, la = _split_sums(ta, frac_a)
+        hq, mq, lq = _split_sums(tq, frac_q)
+        excess = ((ha + hq) - (k - ones).astype(jnp.float32)) + (ma + mq)
+        return excess + (la + lq) > 0.0
+
+    # Four descending lists of breakpoints (z and z - 1 of A and of Q), searched side by side. Invalid
+    # entries are set to the lowest value, where f > k holds anyway, so they never move a search.
+    lowest = jnp.minimum(jnp.min(jnp.where(a_valid, a_z, jnp.inf)), jnp.min(jnp.where(q_vis, q_z, jnp.inf))) - 2.0
+    a_list = jnp.where(a_valid, a_z, lowest)
+    q_list = jnp.where(q_valid, q_z, lowest)
+    width = max(R, C)
+
+    which = jnp.arange(4, dtype=jnp.int32)  # lists: z of A, z - 1 of A, z of Q, z - 1 of Q
+
+    def points(i):  # i [4] -> the four lists' values at i (no slicing: it does not lower in Triton)
+        va = jnp.where(i < R, _pick(a_list, jnp.minimum(i, R - 1)), lowest)
+        vq = jnp.where(i < C, _pick(q_list, jnp.minimum(i, C - 1)), lowest)
+        return jnp.where(which < 2, va, vq) - jnp.where(which % 2 == 1, 1.0, 0.0)
+
+    first = _count_leading(lambda i: ~f_above_k(points(i)), width, (4,))
+    start = jnp.max(points(first))
+    c0 = jnp.floor(start)
+
+    def partition(t):  # visible |U|, |M| and the split sums of z - c0 over M at threshold t
+        ua, ma = a_valid & (a_z - 1.0 > t), a_valid & (a_z > t)
+        uq, mq = q_vis & (q_z - 1.0 > t), q_vis & (q_z > t)
+        n_upper = jnp.sum(ua, dtype=jnp.int32) + jnp.sum(uq, dtype=jnp.int32)
+        n_mid = jnp.sum(ma & ~ua, dtype=jnp.int32) + jnp.sum(mq & ~uq, dtype=jnp.int32)
+        sa, sq = _split_sums(a_z - c0, ma & ~ua), _split_sums(q_z - c0, mq & ~uq)
+        s = sa[0] + sq[0]                      # exact
+        hi = s + (sa[1] + sq[1])
+        lo = ((s - hi) + (sa[1] + sq[1])) + (sa[2] + sq[2])
+        return n_upper, n_mid, hi, lo
+
+    n_upper, n_mid, hi, lo = partition(start)
+    root = c0 + ((n_upper - k).astype(jnp.float32) + hi + lo) / jnp.maximum(n_mid, 1).astype(jnp.float32)
+    tau = jnp.maximum(root, start)
+    n_upper, n_mid, hi, lo = partition(tau)
+    count = lambda mask: jnp.sum(mask, dtype=jnp.int32)
+    above_theta = lambda z, p: (z > theta) | ((z == theta) & (p >= theta_pos))
+    scalar = lambda x: jnp.max(x)  # [1] -> scalar
+    return Cut(tau=tau, c0=c0, n_upper=n_upper, n_mid=n_mid, sum_hi=hi, sum_lo=lo,
+               a_upper=count(a_valid & (a_z - 1.0 > tau)), a_mid=count(a_valid & (a_z > tau)),
+               q_upper=count(q_valid & (q_z - 1.0 > tau)), q_mid=count(q_valid & (q_z > tau)),
+               a_top=count(a_valid & above_theta(a_z, a_pos)), q_top=count(q_valid & above_theta(q_z, q_pos)),
+               theta=scalar(theta), theta_pos=scalar(theta_pos))
+
+
+class Reader(NamedTuple):
+    """Gathers for a block of lanes, indices clamped into range: ``a(field, idx)`` reads A (fields ``z``,
+    ``pos``), ``q(field, idx)`` reads Q (``z``, ``pos``, ``seg``), ``key(field, offset)`` the chunk's keys in
+    position order (``z``, ``seg``). ``idx`` and ``offset`` are per-lane int32 arrays."""
+
+    a: Callable
+    q: Callable
+    key: Callable
+
+
+def _lower_candidate(a_ok, az, q_ok, qz):
+    """Whether Q's candidate ranks below A's (Q keys are newer than A keys: they win ties)."""
+    return q_ok & (~a_ok | (qz < az))
+
+
+def initial_state(info: LaneInfo, chunk_cut: Cut, *, k: int) -> State:
+    """The state of each lane before its chunk's first key: the document before the chunk, cut or not."""
+    is_cut = info.count0 > k
+    zero = jnp.zeros_like(info.start)
+    return State(t=info.start, ready=jnp.ones_like(is_cut), doc=info.a_doc, a_vis=info.a_count > 0,
+                 count=info.count0, cut=chunk_cut, is_cut=is_cut, tau_done=jnp.ones_like(is_cut), removals=zero,
+                 theta_done=jnp.ones_like(is_cut), a_frac=chunk_cut.a_upper, q_frac=chunk_cut.q_upper,
+                 q_adjust=zero, frac_done=~is_cut)
+
+
+def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int, q_len: int):
+    """One event of every lane. Returns ``(state, emit)``; ``emit`` marks lanes that finished position
+    ``t`` (the state's ``t`` has then moved on; ``emitted_values`` reads what to write).
+
+    An iteration takes the arrival of the next key (if the lane is waiting for one), then makes at most one
+    move in each of three independent machines: ``tau`` (settle on the current piece or cross one
+    breakpoint), the fractional count (move the float-test boundary by one key) and ``theta`` (pop one key
+    from the bottom of the top-k). Every gather reads at pointers of the incoming state, so all of an
+    iteration's loads are independent; a lane whose cut state is replaced by the arrival (a cut begins)
+    starts its machines at the next iteration.
+    """
+    c0 = s.cut
+    offset = s.t - info.start
+    active = offset < info.length
+
+    # Loads, all at the incoming pointers.
+    x, x_seg = read.key("z", offset), read.key("seg", offset)
+    az_mid, az_up = read.a("z", c0.a_mid - 1), read.a("z", c0.a_upper - 1)
+    q_mid_z, q_mid_pos, q_mid_seg = (read.q(f, c0.q_mid - 1) for f in ("z", "pos", "seg"))
+    q_up_z, q_up_pos, q_up_seg = (read.q(f, c0.q_upper - 1) for f in ("z", "pos", "seg"))
+    fa_index = jnp.where(s.ready | ~s.tau_done, c0.a_upper, s.a_frac)
+    fq_index = jnp.where(s.ready | ~s.tau_done, c0.q_upper, s.q_frac)
+    fa_above, fa_at = read.a("z", fa_index - 1), read.a("z", fa_index)
+    fq_above = tuple(read.q(f, fq_index - 1) for f in ("z", "pos", "seg"))
+    fq_at = tuple(read.q(f, fq_index) for f in ("z", "pos", "seg"))
+    a1, a2 = (read.a("z", c0.a_top - 1), read.a("pos", c0.a_top - 1)), (read.a("z", c0.a_top - 2),
+                                                                          read.a("pos", c0.a_top - 2))
+    q1 = tuple(read.q(f, c0.q_top - 1) for f in ("z", "pos", "seg"))
+    q2 = tuple(read.q(f, c0.q_top - 2) for f in ("z", "pos", "seg"))
+
+    # --- arrival of key t -------------------------------------------------------------------------------------
+    arrive = s.ready & active
+    t = s.t
+    new_doc = arrive & (x_seg != s.doc)
+    doc = jnp.where(new_doc, x_seg, s.doc)
+    a_vis = s.a_vis & ~new_doc
+    count = jnp.where(arrive, jnp.where(new_doc, 1, s.count + 1), s.count)
+    was_cut = s.is_cut & ~new_doc
+    starts = arrive & ~was_cut & (count == k + 1)
+    precomputed = starts & (t == info.cut_pos)
+    slow = starts & ~precomputed
+    # A cut that is not precomputed climbs from -inf: every visible key in U, every pointer at its list's end.
+    full = lambda v: jnp.full_like(count, v)
+    a_all = jnp.where(a_vis, info.a_count, 0)
+    slow_cut = Cut(tau=jnp.full_like(x, NEG_INF), c0=jnp.floor(x), n_upper=count, n_mid=full(0),
+                   sum_hi=jnp.zeros_like(x), sum_lo=jnp.zeros_like(x), a_upper=a_all, a_mid=a_all,
+                   q_upper=full(q_len), q_mid=full(q_len), a_top=a_all, q_top=full(q_len),
+                   theta=jnp.full_like(x, NEG_INF), theta_pos=full(-1))
+    choose = lambda m, a, b: jax.tree.map(lambda u, v: jnp.where(m, u, v), a, b)
+    c = choose(precomputed, start_cut, choose(slow, slow_cut, c0))
+    replaced = precomputed | slow
+    is_cut = was_cut | starts
+    # A newcomer in a running cut joins U or M (or is dead at or below tau) and may enter the top-k.
+    joins = arrive & was_cut
+    upper = joins & (x - 1.0 > c.tau)
+    mid = joins & ~upper & (x > c.tau)
+    moved = upper | mid
+    hi, lo = two_sum(c.sum_hi, c.sum_lo, jnp.where(mid, x - c.c0, 0.0))
+    c = c._replace(n_upper=c.n_upper + upper, n_mid=c.n_mid + mid, sum_hi=hi, sum_lo=lo)
+    enters_top = joins & (x >= c.theta)
+    tau_done = jnp.where(arrive, ~moved & ~slow, s.tau_done)
+    theta_done = jnp.where(arrive, ~enters_top & ~slow, s.theta_done)
+    removals = jnp.where(arrive, enters_top.astype(jnp.int32) + slow, s.removals)
+    frac_done = jnp.where(arrive, ~moved & ~replaced & s.frac_done, s.frac_done)
+    a_frac = jnp.where(replaced, c.a_upper, s.a_frac)
+    q_frac = jnp.where(replaced, c.q_upper, s.q_frac)
+    q_adjust = jnp.where(replaced, 0, s.q_adjust)
+    working = is_cut & ~replaced
+
+    def visible(pos, seg):
+        return (pos >= 0) & (pos <= t) & (seg == doc)
+
+    # --- tau: settle on the current piece, or cross one breakpoint --------------------------------------------
+    in_tau = working & ~tau_done
+    inf = jnp.inf
+    cand_am = jnp.where(a_vis & (c.a_mid > c.a_upper), az_mid, inf)
+    cand_au = jnp.where(a_vis & (c.a_upper > 0), az_up - 1.0, inf)
+    cand_qm = jnp.where(c.q_mid > c.q_upper, q_mid_z, inf)
+    cand_qu = jnp.where(c.q_upper > 0, q_up_z - 1.0, inf)
+    nb = jnp.minimum(jnp.minimum(cand_am, cand_au), jnp.minimum(cand_qm, cand_qu))
+    numerator = ((c.n_upper - k).astype(jnp.float32) + c.sum_hi) + c.sum_lo
+    root = c.c0 + numerator / jnp.maximum(c.n_mid, 1).astype(jnp.float32)
+    # Breakpoints at or below tau (keys that arrived exactly there, or ties) are crossed before settling, so
+    # the pointers always count exactly the keys above tau.
+    on_piece = (c.n_mid > 0) & (root < nb)
+    flat = (c.n_mid == 0) & (c.n_upper <= k)
+    settle = in_tau & (nb > c.tau) & (on_piece | flat)
+    cross = in_tau & ~settle
+    e_am = cross & (cand_am == nb)
+    e_au = cross & ~e_am & (cand_au == nb)
+    e_qm = cross & ~e_am & ~e_au & (cand_qm == nb)
+    e_qu = cross & ~e_am & ~e_au & ~e_qm
+    qm_counts = e_qm & visible(q_mid_pos, q_mid_seg)
+    qu_counts = e_qu & visible(q_up_pos, q_up_seg)
+    delta = jnp.where(e_am, c.c0 - az_mid, jnp.where(e_au, az_up - c.c0, jnp.where(
+        qm_counts, c.c0 - q_mid_z, jnp.where(qu_counts, q_up_z - c.c0, 0.0))))
+    hi, lo = two_sum(c.sum_hi, c.sum_lo, delta)
+    tau = jnp.where(settle & on_piece, jnp.maximum(root, c.tau), jnp.where(cross, nb, c.tau))
+    c = c._replace(tau=tau, sum_hi=hi, sum_lo=lo, n_upper=c.n_upper - e_au - qu_counts,
+                   n_mid=c.n_mid - e_am + e_au - qm_counts + qu_counts, a_mid=c.a_mid - e_am,
+                   a_upper=c.a_upper - e_au, q_mid=c.q_mid - e_qm, q_upper=c.q_upper - e_qu)
+    tau_done = tau_done | settle
+    a_frac = jnp.where(settle, c.a_upper, a_frac)
+    q_frac = jnp.where(settle, c.q_upper, q_frac)
+    q_adjust = jnp.where(settle, 0, q_adjust)
+    frac_done = frac_done & ~settle
+
+    # --- fractional count: where the attention's test (z - tau < 1) and the state's (z - 1 <= tau) differ ----
+    checking = working & tau_done & ~frac_done & (a_frac == fa_index) & (q_frac == fq_index)
+    a_down = checking & a_vis & (a_frac > 0) & (fa_above - c.tau < 1.0)
+    a_up = checking & a_vis & ~a_down & (a_frac < c.a_mid) & (fa_at - c.tau >= 1.0)
+    q_down = checking & (q_frac > 0) & (fq_above[0] - c.tau < 1.0)
+    q_up = checking & ~q_down & (q_frac < c.q_mid) & (fq_at[0] - c.tau >= 1.0)
+    a_frac = a_frac - a_down + a_up
+    q_frac = q_frac - q_down + q_up
+    q_adjust = q_adjust + (q_down & visible(*fq_above[1:])) - (q_up & visible(*fq_at[1:]))
+    frac_done = frac_done | (checking & ~(a_down | a_up | q_down | q_up))
+
+    # --- theta: pop the lowest key of the top-k (or skip a key of Q outside the visible set), then settle -----
+    in_theta = working & ~theta_done
+    a_ok1, a_ok2 = a_vis & (c.a_top >= 1), a_vis & (c.a_top >= 2)
+    q_ok1, q_ok2 = c.q_top >= 1, c.q_top >= 2
+    q_low = _lower_candidate(a_ok1, a1[0], q_ok1, q1[0])
+    member = ~q_low | visible(q1[1], q1[2])
+    pop = in_theta & ((removals > 0) | ~member)
+    pop_q, pop_a = pop & q_low, pop & ~q_low
+    removals = removals - (pop & member & (removals > 0))
+    # After a pop the list that lost its bottom key offers its second-lowest key.
+    a_ok, a_z, a_pos = (jnp.where(pop_a, u, v) for u, v in zip((a_ok2,) + a2, (a_ok1,) + a1))
+    q_ok, q_z, q_pos, q_seg = (jnp.where(pop_q, u, v) for u, v in zip((q_ok2,) + q2, (q_ok1,) + q1))
+    q_low = _lower_candidate(a_ok, a_z, q_ok, q_z)
+    settled = in_theta & (removals == 0) & (~q_low | visible(q_pos, q_seg))
+    c = c._replace(a_top=c.a_top - pop_a, q_top=c.q_top - pop_q,
+                   theta=jnp.where(settled, jnp.where(q_low, q_z, a_z), c.theta),
+                   theta_pos=jnp.where(settled, jnp.where(q_low, q_pos, a_pos), c.theta_pos))
+    theta_done = theta_done | settled
+
+    # --- emit position t once everything has settled ----------------------------------------------------------
+    busy = arrive | (~s.ready & active)
+    emit = busy & (~is_cut | (tau_done & theta_done & frac_done & ~replaced))
+    state = State(t=jnp.where(emit, t + 1, t), ready=emit | (s.ready & ~arrive), doc=doc, a_vis=a_vis,
+                  count=count, cut=c, is_cut=is_cut, tau_done=tau_done, removals=removals,
+                  theta_done=theta_done, a_frac=a_frac, q_frac=q_frac, q_adjust=q_adjust, frac_done=frac_done)
+    return state, emit
+
+
+def emitted_values(state: State, info: LaneInfo):
+    """(tau, theta, theta_pos, num_fractional, exact, a_top) of the position a lane just emitted."""
+    s, c = state, state.cut
+    cut = s.is_cut
+    a_fractional = jnp.where(s.a_vis, c.a_mid - s.a_frac, 0)
+    q_mid_visible = c.n_mid - jnp.where(s.a_vis, c.a_mid - c.a_upper, 0)
+    num_fractional = jnp.where(cut, a_fractional + q_mid_visible + s.q_adjust, 0)
+    return (jnp.where(cut, c.tau, NEG_INF), jnp.where(cut, c.theta, NEG_INF), jnp.where(cut, c.theta_pos, -1),
+            num_fractional, ~(cut & s.a_vis & (info.a_dropped > c.tau)),
+            jnp.where(s.a_vis, jnp.where(cut, c.a_top, info.a_count), 0))
+
+
+def run_lanes(info: LaneInfo, chunk_cut: Cut, start_cut: Cut, read: Reader, write: Callable, outputs, *, k: int,
+              q_len: int, block: int, anchor_offset: int):
+    """Runs every lane to the end of its chunk. ``write(outputs, emit, offset, values, anchor)`` stores what
+    the lanes emit (``offset``: position in the chunk; ``anchor``: anchor-row index, or -1) and returns the
+    new ``outputs`` (the XLA driver carries arrays, the kernel writes refs and carries nothing)."""
+    state = initial_state(info, chunk_cut, k=k)
+
+    def body(carry):
+        state, outputs = carry
+        emitted_t = state.t
+        state, emit = lane_step(state, info, start_cut, read, k=k, q_len=q_len)
+        offset = emitted_t - info.start
+        is_anchor_row = (offset % block) == anchor_offset
+        anchor = jnp.where(emit & is_anchor_row, offset // block, -1)
+        outputs = write(outputs, emit, offset, emitted_values(state, info), anchor)
+        return state, outputs
+
+    def cond(carry):
+        state, _ = carry
+        return jnp.max((state.t - info.start < info.length).astype(jnp.int32)) > 0  # (no reduce_or in Triton)
+
+    return lax.while_loop(cond, body, (state, outputs))[1]
+
+
+def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
+              chunk: int, block: int, anchor_offset: int) -> Outputs:
+    """All lanes at once in plain XLA (the CPU/TPU path and the kernels' twin). Returns ``Outputs`` shaped
+    ``[lanes, chunk]`` and ``[lanes, chunk // block]`` (anchor rows)."""
+    lanes = info.start.shape[0]
+    lane = jnp.arange(lanes, dtype=jnp.int32)
+    R, C = buffer_size, chunk
+    rows_per_lane = C // block
+
+    def gather(array, width, idx):
+        return array[lane * width + jnp.clip(idx, 0, width - 1)]
+
+    read = Reader(a=lambda f, i: gather(lists.a_z if f == "z" else lists.a_pos, R, i),
+                  q=lambda f, i: gather({"z": lists.q_z, "pos": lists.q_pos, "seg": lists.q_seg}[f], C, i),
+                  key=lambda f, o: gather(lists.key_z if f == "z" else lists.key_seg, C, o))
+
+    def write(outputs, emit, offset, values, anchor):
+        slot = lane * (C + 1) + jnp.where(emit, offset, C)
+        anchor_slot = lane * (rows_per_lane + 1) + jnp.where(anchor >= 0, anchor, rows_per_lane)
+        return Outputs(*(o.at[slot].set(v) for o, v in zip(outputs[:5], values[:5])),
+                       outputs.anchor_top.at[anchor_slot].set(values[5]))
+
+    outputs = Outputs(jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32),
+                      jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32),
+                      jnp.full((lanes * (C + 1),), -1, jnp.int32), jnp.zeros((lanes * (C + 1),), jnp.int32),
+                      jnp.ones((lanes * (C + 1),), bool), jnp.zeros((lanes * (rows_per_lane + 1),), jnp.int32))
+    out = run_lanes(info, chunk_cut, start_cut, read, write, outputs, k=k, q_len=C, block=block,
+                    anchor_offset=anchor_offset)
+    per_position = lambda x: x.reshape(lanes, C + 1)[:, :C]
+    return Outputs(*(per_position(x) for x in out[:5]), out.anchor_top.reshape(lanes, rows_per_lane + 1)[:, :-1])
+
+
+def _compiler_params(interpret: bool, num_warps: int):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "buffer_size", "chunk", "block", "anchor_offset", "interpret",
+                                             "lanes_per_program", "num_warps"))
+def pallas_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
+                 chunk: int, block: int, anchor_offset: int, interpret: bool = False, lanes_per_program: int = 32,
+                 num_warps: int = 1) -> Outputs:
+    """``xla_lanes`` as a Pallas GPU (Triton) kernel: ``lanes_per_program`` lanes per program, one per vector
+    element, each gathering from its own lists; the same ``run_lanes`` code, with stores to the output refs."""
+    lanes = info.start.shape[0]
+    P = lanes_per_program
+    programs = -(-lanes // P)
+    pad = programs * P - lanes
+    R, C = buffer_size, chunk
+    rows_per_lane = C // block
+
+    def blocked(x, width, fill):  # [lanes * width] -> [programs, P * width]
+        return jnp.pad(x, (0, pad * width), constant_values=fill).reshape(programs, P * width)
+
+    list_widths = (R, R, C, C, C, C, C)
+    list_fills = (NEG_INF, -1, NEG_INF, -1, -1, NEG_INF, -1)
+    list_args = [blocked(x, w, f) for x, w, f in zip(lists, list_widths, list_fills)]
+    scalar_args = [blocked(x, 1, 0) for x in (*info, *chunk_cut, *start_cut)]  # padding lanes: length 0
+    n_info, n_cut = len(info), len(chunk_cut)
+
+    def kernel(*refs):
+        list_refs = refs[:7]
+        scalar_refs = refs[7:7 + n_info + 2 * n_cut]
+        out_refs = refs[7 + n_info + 2 * n_cut:]
+        values = [r[...] for r in scalar_refs]
+        lane_info = LaneInfo(*values[:n_info])
+        first_cut = Cut(*values[n_info:n_info + n_cut])
+        begin_cut = Cut(*values[n_info + n_cut:])
+        lane = lax.iota(jnp.int32, P)
+        a_z, a_pos, q_z, q_pos, q_seg, key_z, key_seg = list_refs
+
+        def gather(ref, width, idx):
+            return ref[lane * width + jnp.clip(idx, 0, width - 1)]
+
+        read = Reader(a=lambda f, i: gather(a_z if f == "z" else a_pos, R, i),
+                      q=lambda f, i: gather({"z": q_z, "pos": q_pos, "seg": q_seg}[f], C, i),
+                      key=lambda f, o: gather(key_z if f == "z" else key_seg, C, o))
+
+        def write(outputs, emit, offset, values, anchor):
+            slot = lane * (C + 1) + jnp.where(emit, offset, C)
+            for ref, v in zip(out_refs[:5], values[:5]):
+                ref[slot] = v.astype(ref.dtype)
+            out_refs[5][lane * (rows_per_lane + 1) + jnp.where(anchor >= 0, anchor, rows_per_lane)] = values[5]
+            return outputs
+
+        run_lanes(lane_info, first_cut, begin_cut, read, write, jnp.int32(0), k=k, q_len=C, block=block,
+                  anchor_offset=anchor_offset)
+
+    list_specs = [pl.BlockSpec((None, P * w), lambda i: (i, 0)) for w in list_widths]
+    scalar_specs = [pl.BlockSpec((None, P), lambda i: (i, 0)) for _ in scalar_args]
+    widths = [C + 1] * 5 + [rows_per_lane + 1]
+    dtypes = [jnp.float32, jnp.float32, jnp.int32, jnp.int32, jnp.int32, jnp.int32]
+    out_specs = [pl.BlockSpec((None, P * w), lambda i: (i, 0)) for w in widths]
+    out_shape = [jax.ShapeDtypeStruct((programs, P * w), d) for w, d in zip(widths, dtypes)]
+    outs = pl.pallas_call(kernel, grid=(programs,), in_specs=list_specs + scalar_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=interpret, name="sparsek_threshold_lanes",
+                          compiler_params=_compiler_params(interpret, num_warps))(*list_args, *scalar_args)
+    # Unwritten slots (never emitted: padding) are garbage; every real position is emitted exactly once.
+    per_position = lambda x: x.reshape(programs * P, C + 1)[:lanes, :C]
+    tau, theta, theta_pos, num_fractional, exact, anchor_top = outs
+    return Outputs(per_position(tau), per_position(theta), per_position(theta_pos), per_position(num_fractional),
+                   per_position(exact).astype(bool),
+                   anchor_top.reshape(programs * P, rows_per_lane + 1)[:lanes, :rows_per_lane])
+
+
+_CUT_FLOATS = ("tau", "c0", "sum_hi", "sum_lo", "theta")
+_CUT_INTS = ("n_upper", "n_mid", "a_upper", "a_mid", "q_upper", "q_mid", "a_top", "q_top", "theta_pos")
+
+
+def chunk_cut_state(a_z, a_pos, q_z, q_pos, q_seg, scalars, which, *, k: int) -> Cut:
+    """``cut_state`` of one chunk at its start (``which = 0``: the buffer alone) or at its first cut
+    (``which = 1``: the buffer if it is in that document, and the chunk's keys of that document up to the cut).
+    ``scalars`` = (a_count, a_doc, cut_pos, cut_doc), int32 [4]."""
+    a_count, a_doc, cut_pos, cut_doc = (jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, scalars, 0)) for n in range(4))
+    at_cut = which == 1
+    ia = lax.iota(jnp.int32, a_z.shape[0])
+    a_valid = (ia < a_count) & (~at_cut | (a_doc == cut_doc))
+    q_valid = q_pos >= 0
+    q_vis = at_cut & q_valid & (q_pos <= cut_pos) & (q_seg == cut_doc)
+    return cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, k=k)
+
+
+def xla_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int) -> tuple[Cut, Cut]:
+    """(state at each chunk's start, state at its first cut) for ``[chunks, ...]`` inputs, in plain XLA."""
+    one = jax.vmap(functools.partial(chunk_cut_state, k=k), in_axes=(0, 0, 0, 0, 0, 0, None))
+    return one(a_z, a_pos, q_z, q_pos, q_seg, scalars, 0), one(a_z, a_pos, q_z, q_pos, q_seg, scalars, 1)
+
+
+def _pow2_columns(x, fill):
+    """Pads the last axis to a power of two (Triton blocks are powers of two)."""
+    width = 1 << max(x.shape[-1] - 1, 0).bit_length()
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=fill)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "num_warps"))
+def pallas_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int, interpret: bool = False,
+                      num_warps: int = 4) -> tuple[Cut, Cut]:
+    """``xla_cut_states`` as a Pallas GPU kernel: grid (2, chunks), one program per state. A state whose
+    visible set has at most ``k`` keys is skipped (zeros; the lanes do not read it)."""
+    a_z, a_pos = _pow2_columns(a_z, NEG_INF), _pow2_columns(a_pos, -1)
+    q_z, q_pos, q_seg = _pow2_columns(q_z, NEG_INF), _pow2_columns(q_pos, -1), _pow2_columns(q_seg, -1)
+    chunks, R = a_z.shape
+    C = q_z.shape[1]
+
+    def kernel(a_z_ref, a_pos_ref, q_z_ref, q_pos_ref, q_seg_ref, scalars_ref, f_ref, i_ref):
+        which = pl.program_id(0)
+        scalars = scalars_ref[...]
+        a_count, cut_pos = jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == 0, scalars, 0)), jnp.sum(
+            jnp.where(lax.iota(jnp.int32, 4) == 2, scalars, 0))
+        needed = jnp.where(which == 0, a_count > k, cut_pos >= 0)
+
+        def compute(_):
+            st = chunk_cut_state(a_z_ref[...], a_pos_ref[...], q_z_ref[...], q_pos_ref[...], q_seg_ref[...],
+                                 scalars, which, k=k)
+            lane8, lane16 = lax.iota(jnp.int32, 8), lax.iota(jnp.int32, 16)
+            f = jnp.zeros((8,), jnp.float32)
+            for n, name in enumerate(_CUT_FLOATS):
+                f = jnp.where(lane8 == n, getattr(st, name), f)
+            i = jnp.zeros((16,), jnp.int32)
+            for n, name in enumerate(_CUT_INTS):
+                i = jnp.where(lane16 == n, getattr(st, name), i)
+            return f, i
+
+        f, i = lax.cond(needed, compute, lambda _: (jnp.zeros((8,), jnp.float32), jnp.zeros((16,), jnp.int32)), 0)
+        f_ref[...] = f
+        i_ref[...] = i
+
+    row = lambda w: pl.BlockSpec((None, w), lambda s, c: (c, 0))
+    out = lambda w: pl.BlockSpec((None, None, w), lambda s, c: (s, c, 0))
+    f, i = pl.pallas_call(kernel, grid=(2, chunks), in_specs=[row(R)] * 2 + [row(C)] * 3 + [row(4)],
+                          out_specs=[out(8), out(16)],
+                          out_shape=[jax.ShapeDtypeStruct((2, chunks, 8), jnp.float32),
+                                     jax.ShapeDtypeStruct((2, chunks, 16), jnp.int32)],
+                          interpret=interpret, name="sparsek_threshold_cut_states",
+                          compiler_params=_compiler_params(interpret, num_warps))(a_z, a_pos, q_z, q_pos, q_seg,
+                                                                                  scalars)
+
+    def cut(s):
+        fields = {name: f[s, :, n] for n, name in enumerate(_CUT_FLOATS)}
+        fields.update({name: i[s, :, n] for n, name in enumerate(_CUT_INTS)})
+        return Cut(**fields)
+
+    return cut(0), cut(1)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+def pallas_merge_lists(a_z, a_pos, b_z, b_pos, keep_b, *, interpret: bool = False, num_warps: int = 4):
+    """Top ``R`` of two lists sorted by (score, position) descending, where every key of ``b`` is newer (it
+    wins ties), one program per pair: each key's place in the merged list is its index plus its rank in the
+    other list (a binary search there), then a scatter. ``keep_b`` [pairs] bool: return ``b`` unchanged.
+    Arrays ``[pairs, R]``; returns (z, pos) ``[pairs, R]`` and the largest score that did not fit."""
+    pairs, R = a_z.shape
+    a_z, a_pos, b_z, b_pos = (_pow2_columns(x, f) for x, f in ((a_z, NEG_INF), (a_pos, -1), (b_z, NEG_INF),
+                                                            (b_pos, -1)))
+    W = a_z.shape[1]
+
+    def kernel(a_z_ref, a_pos_ref, b_z_ref, b_pos_ref, keep_ref, z_ref, pos_ref, dropped_ref):
+        az, bz = a_z_ref[...], b_z_ref[...]
+        index = lax.iota(jnp.int32, W)
+        keep = jnp.max(keep_ref[...]) > 0
+        b_rank = _count_leading(lambda j: b_z_ref[j] >= az, W, (W,))   # b keys at or above each a key
+        a_rank = _count_leading(lambda i: a_z_ref[i] > bz, W, (W,))    # a keys strictly above each b key
+        dest_a = jnp.where(keep, R, jnp.minimum(index + b_rank, R))
+        dest_b = jnp.where(keep, jnp.minimum(index, R), jnp.minimum(index + a_rank, R))
+        z_ref[dest_a] = az
+        pos_ref[dest_a] = a_pos_ref[...]
+        z_ref[dest_b] = bz
+        pos_ref[dest_b] = b_pos_ref[...]
+        lost = jnp.maximum(jnp.max(jnp.where((dest_a >= R) & ~keep, az, NEG_INF)),
+                           jnp.max(jnp.where(index + jnp.where(keep, 0, a_rank) >= R, bz, NEG_INF)))
+        dropped_ref[...] = jnp.full((1,), lost, jnp.float32)
+
+    row = lambda w: pl.BlockSpec((None, w), lambda p: (p, 0))
+    z, pos, dropped = pl.pallas_call(
+        kernel, grid=(pairs,), in_specs=[row(W)] * 4 + [row(1)], out_specs=[row(W + 1), row(W + 1), row(1)],
+        out_shape=[jax.ShapeDtypeStruct((pairs, W + 1), jnp.float32), jax.ShapeDtypeStruct((pairs, W + 1), jnp.int32),
+                   jax.ShapeDtypeStruct((pairs, 1), jnp.float32)],
+        interpret=interpret, name="sparsek_threshold_merge", compiler_params=_compiler_params(interpret, num_warps))(
+        a_z, a_pos, b_z, b_pos, keep_b.astype(jnp.int32)[:, None])
+    return z[:, :R], pos[:, :R], dropped[:, 0]
+
