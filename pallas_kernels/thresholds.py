@@ -570,7 +570,7 @@ def chunk_cut_state(a_z, a_pos, q_z, q_pos, q_seg, scalars, which, *, k: int) ->
     (``which = 1``: the buffer if it is in that document, and the chunk's keys of that document up to the cut).
     ``scalars`` = (a_count, a_doc, cut_pos, cut_doc), int32 [4]."""
     a_count, a_doc, cut_pos, cut_doc = (jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, scalars, 0)) for n in range(4))
-    at_cut = which == 1
+    at_cut = jnp.asarray(which) == 1
     ia = lax.iota(jnp.int32, a_z.shape[0])
     a_valid = (ia < a_count) & (~at_cut | (a_doc == cut_doc))
     q_valid = q_pos >= 0
@@ -648,6 +648,8 @@ def pallas_merge_lists(a_z, a_pos, b_z, b_pos, keep_b, *, interpret: bool = Fals
     other list (a binary search there), then a scatter. ``keep_b`` [pairs] bool: return ``b`` unchanged.
     Arrays ``[pairs, R]``; returns (z, pos) ``[pairs, R]`` and the largest score that did not fit."""
     pairs, R = a_z.shape
+    if pairs == 0:  # lax.associative_scan combines empty slices of short sequences
+        return a_z, a_pos, jnp.zeros((0,), jnp.float32)
     a_z, a_pos, b_z, b_pos = (_pow2_columns(x, f) for x, f in ((a_z, NEG_INF), (a_pos, -1), (b_z, NEG_INF),
                                                             (b_pos, -1)))
     W = a_z.shape[1]

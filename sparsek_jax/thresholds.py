@@ -326,8 +326,43 @@ def running_max_within_documents(values, segments):
     return lax.associative_scan(combine, (docs, values), axis=1)[1]
 
 
+def _first_index(predicate, lo, hi, num_steps):
+    """Smallest i in [lo, hi) with predicate(i) true (``hi`` if none), for a predicate that is false then
+    true on [lo, hi). Vectorised over the shapes of ``lo`` and ``hi``."""
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        go_left = predicate(mid) & (lo < hi)
+        return jnp.where(go_left | (lo >= hi), lo, mid + 1), jnp.where(go_left, mid, hi)
+
+    return lax.fori_loop(0, num_steps, step, (lo, hi))[0]
+
+
+def fractional_range_sums(gbar, scores, tau, segments, window):
+    """``sum_i [l in M_i] gbar_i`` for every key ``l``. gbar, scores, tau: [b, hkv, seq]; segments [b, seq].
+
+    The queries with ``l`` among their candidates are ``[l + window, end of l's document)``; along them tau
+    never decreases, so ``0 < u_l - tau_i < 1`` holds on one contiguous sub-range, found by binary search.
+    """
+    b, h, seq = scores.shape
+    docs = document_index(segments)
+    # End of each position's document: first index whose document index is larger.
+    positions = jnp.arange(seq, dtype=jnp.int32)
+    end = jax.vmap(lambda d: jnp.searchsorted(d, d, side="right"))(docs).astype(jnp.int32)  # [b, seq]
+    start = jnp.broadcast_to(jnp.minimum(positions + window, end)[:, None, :], (b, h, seq))
+    end = jnp.broadcast_to(end[:, None, :], (b, h, seq))
+    tau_at = lambda i: jnp.take_along_axis(tau, jnp.minimum(i, seq - 1), axis=2)
+    steps = int(seq).bit_length() + 1
+    lo = _first_index(lambda i: scores - tau_at(i) < 1.0, start, end, steps)
+    hi = _first_index(lambda i: scores - tau_at(i) <= 0.0, start, end, steps)
+    prefix = jnp.concatenate([jnp.zeros((b, h, 1), gbar.dtype), jnp.cumsum(gbar, axis=2)], axis=2)
+    return jnp.take_along_axis(prefix, hi, axis=2) - jnp.take_along_axis(prefix, lo, axis=2)
+
+
 def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids: jax.Array | None = None,
-                      buffer_size: int | None = None, block_size: int = 128, return_info: bool = False):
+                      buffer_size: int | None = None, block_size: int = 128, return_info: bool = False,
+                      implementation: str = "auto", interpret: bool = False):
     """SparseK thresholds ``tau_i`` and ``theta_i`` of every query over its candidate keys.
 
     Query ``i``'s candidates are ``C_i = {j : j <= i - window}`` (same segment when ``segment_ids`` is
@@ -339,15 +374,19 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
       window: sliding-window length ``w >= 0``; the window's keys are not candidates.
       segment_ids: optional int ``[batch, seq]`` document ids.
       buffer_size: ``R >= topk``, the bounded buffer of top scores (default ``default_buffer_size``).
-      block_size: keys per scan step ``B``.
+      block_size: keys per chunk (one lane of the event simulation each).
       return_info: also return a ``ThresholdInfo``.
+      implementation: ``"xla"``, ``"pallas_gpu"`` (the GPU kernels; ``interpret=True`` runs them in Pallas
+        interpret mode on any backend) or ``"auto"`` (``pallas_gpu`` on GPUs, ``xla`` elsewhere).
+      interpret: Pallas interpret mode for ``implementation="pallas_gpu"``.
 
     Returns:
       ``(tau, theta)``, float32 ``[batch, seq, kv_heads]`` each, or ``(tau, theta, info)``.
       ``tau_i`` is the SPARSEK threshold of ``u[C_i]`` with budget ``topk`` (gates are
       ``clip(u_j - tau_i, 0, 1)``); ``theta_i`` the ``topk``-th largest score of ``C_i``. Both are ``-inf``
       when ``|C_i| <= topk`` (every candidate is selected with gate 1) and ``+inf`` when ``topk = 0``.
-      Both are non-decreasing along ``seq`` within a document.
+      Both are non-decreasing along ``seq`` within a document. Differentiable: ``d tau_i / d u_l`` is
+      ``1 / |M_i|`` on the fractional keys ``M_i``, ``d theta_i / d u_l`` is 1 on the k-th key.
     """
     topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
     batch, seq, kv_heads = scores.shape
@@ -369,9 +408,60 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
 
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
-    tau, theta, theta_pos, num_fractional, exact, _ = blocked_thresholds(
-        jnp.asarray(scores, jnp.float32), segments, topk=topk, window=window, buffer_size=buffer_size,
-        block_size=block_size, scan_block=block_size)
+    options = _Options(topk, window, buffer_size, block_size, resolve_implementation(implementation), interpret)
+    tau, theta, theta_pos, num_fractional, exact = _differentiable_thresholds(scores, segments, options)
     if return_info:
         return tau, theta, ThresholdInfo(theta_pos, num_fractional, exact)
     return tau, theta
+
+
+def resolve_implementation(implementation: str) -> str:
+    """``"auto"``: the Pallas GPU kernels on GPUs, plain XLA elsewhere."""
+    validation.check_choice("implementation", implementation, ("auto", "xla", "pallas_gpu"))
+    if implementation == "auto":
+        return "pallas_gpu" if jax.default_backend() == "gpu" else "xla"
+    return implementation
+
+
+class _Options(NamedTuple):
+    topk: int
+    window: int
+    buffer_size: int
+    block_size: int
+    implementation: str
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _differentiable_thresholds(scores, segments, options: _Options):
+    th = blocked_thresholds(jnp.asarray(scores, jnp.float32), segments, topk=options.topk, window=options.window,
+                            buffer_size=options.buffer_size, block_size=options.block_size,
+                            scan_block=options.block_size, implementation=options.implementation,
+                            interpret=options.interpret)
+    return th.tau, th.theta, th.theta_pos, th.num_fractional, th.exact
+
+
+def _thresholds_fwd(scores, segments, options: _Options):
+    out = _differentiable_thresholds(scores, segments, options)
+    return out, (scores, segments, out)
+
+
+def _thresholds_bwd(options: _Options, residuals, cotangents):
+    """``d tau_i / d u_l = [l in M_i] / |M_i|`` (the SPARSEK VJP through the closed form) and
+    ``d theta_i / d u_l = [l = theta_pos_i]``; the integer outputs carry no gradient."""
+    scores, segments, (tau, theta, theta_pos, num_fractional, _) = residuals
+    g_tau, g_theta = cotangents[0], cotangents[1]
+    batch, seq, heads = scores.shape
+    gbar = jnp.where(jnp.isfinite(tau) & (num_fractional > 0), g_tau / jnp.maximum(num_fractional, 1), 0.0)
+    heads_first = lambda x: jnp.moveaxis(x, 2, 1)
+    through_tau = fractional_range_sums(heads_first(gbar), heads_first(jnp.asarray(scores, jnp.float32)),
+                                        heads_first(tau), segments, options.window)
+    chosen = jnp.isfinite(theta) & (theta_pos >= 0) & (theta_pos < seq)
+    target = jnp.where(chosen, theta_pos, seq)  # seq: dropped
+    scatter = lambda g, t: jnp.zeros((seq + 1,), jnp.float32).at[t].add(g)[:seq]
+    through_theta = jax.vmap(jax.vmap(scatter))(heads_first(jnp.where(chosen, g_theta, 0.0)), heads_first(target))
+    d_scores = jnp.moveaxis(through_tau + through_theta, 1, 2)
+    return d_scores.astype(scores.dtype), None
+
+
+_differentiable_thresholds.defvjp(_thresholds_fwd, _thresholds_bwd)

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparsek_jax.thresholds import (BlockedThresholds, blocked_thresholds, default_buffer_size, document_index,
-                                   is_selected)
+from sparsek_jax.thresholds import (BlockedThresholds, blocked_thresholds, default_buffer_size,
+                                   fractional_range_sums, is_selected)
 
 __all__ = ["xla_sparsek_attention", "DEFAULT_BLOCK_SIZE"]
 
@@ -422,40 +422,6 @@ def _scatter_add(tile_values, key_pos, seq):
     return jax.vmap(jax.vmap(scatter))(values, flat_pos)
 
 
-def _first_index(predicate, lo, hi, num_steps):
-    """Smallest i in [lo, hi) with predicate(i) true (``hi`` if none), for a predicate that is false then
-    true on [lo, hi). Vectorised over the shapes of ``lo`` and ``hi``."""
-
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        go_left = predicate(mid) & (lo < hi)
-        return jnp.where(go_left | (lo >= hi), lo, mid + 1), jnp.where(go_left, mid, hi)
-
-    return lax.fori_loop(0, num_steps, step, (lo, hi))[0]
-
-
-def _fractional_range_sums(gbar, scores, tau, segments, window):
-    """``sum_i [l in M_i] gbar_i`` for every key ``l``. gbar, scores, tau: [b, hkv, seq]; segments [b, seq].
-
-    The queries with ``l`` among their candidates are ``[l + window, end of l's document)``; along them tau
-    never decreases, so ``0 < u_l - tau_i < 1`` holds on one contiguous sub-range, found by binary search.
-    """
-    b, h, seq = scores.shape
-    docs = document_index(segments)
-    # End of each position's document: first index whose document index is larger.
-    positions = jnp.arange(seq, dtype=jnp.int32)
-    end = jax.vmap(lambda d: jnp.searchsorted(d, d, side="right"))(docs).astype(jnp.int32)  # [b, seq]
-    start = jnp.broadcast_to(jnp.minimum(positions + window, end)[:, None, :], (b, h, seq))
-    end = jnp.broadcast_to(end[:, None, :], (b, h, seq))
-    tau_at = lambda i: jnp.take_along_axis(tau, jnp.minimum(i, seq - 1), axis=2)
-    steps = int(seq).bit_length() + 1
-    lo = _first_index(lambda i: scores - tau_at(i) < 1.0, start, end, steps)
-    hi = _first_index(lambda i: scores - tau_at(i) <= 0.0, start, end, steps)
-    prefix = jnp.concatenate([jnp.zeros((b, h, 1), gbar.dtype), jnp.cumsum(gbar, axis=2)], axis=2)
-    return jnp.take_along_axis(prefix, hi, axis=2) - jnp.take_along_axis(prefix, lo, axis=2)
-
-
 def _scores_gradient(direct, gsum, th, scores, segments, cfg: _Config):
     """``du_l = sum_i [l in M_i] G_il - sum_i [l in M_i] Gbar_i`` (SPEC §1).
 
@@ -468,7 +434,7 @@ def _scores_gradient(direct, gsum, th, scores, segments, cfg: _Config):
     batch, seq, kv_heads = scores.shape
     num_fractional = _blocks(th.num_fractional, gsum.shape[2], cfg.block_size, 1).transpose(0, 3, 1, 2)
     gbar = (gsum / jnp.maximum(num_fractional, 1)).reshape(batch, kv_heads, -1)[:, :, :seq]
-    through_tau = _fractional_range_sums(gbar, jnp.moveaxis(scores.astype(jnp.float32), 2, 1),
+    through_tau = fractional_range_sums(gbar, jnp.moveaxis(scores.astype(jnp.float32), 2, 1),
                                          jnp.moveaxis(th.tau, 2, 1), segments, cfg.window)
     return jnp.moveaxis(direct - through_tau, 1, 2)
 

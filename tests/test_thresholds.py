@@ -1,3 +1,5 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +211,91 @@ def test_gpu_kernels_match_xla(seq, batch):
     np.testing.assert_allclose(np.asarray(gpu.tau), np.asarray(xla.tau), rtol=1e-6, atol=1e-6)
     differ = np.asarray(gpu.num_fractional) != np.asarray(xla.num_fractional)
     assert differ.mean() < 1e-4, f"num_fractional differs at {differ.sum()} of {differ.size} positions"
+
+
+KERNEL_CASES = [  # (seq, heads, topk, window, ties, segmented, block, chunk, dtype)
+    (45, 2, 5, 3, True, True, 8, 16, jnp.float32),     # ties, several documents per row
+    (37, 1, 1, 0, False, True, 8, 24, jnp.float32),    # topk 1, window 0, a chunk of 24 (padded to 32 inside)
+    (29, 2, 40, 4, False, False, 8, 8, jnp.float32),   # topk larger than every prefix
+    (50, 2, 7, 6, False, True, 16, 32, jnp.bfloat16),  # bfloat16 scores, length not a multiple of any block
+]
+
+
+@pytest.mark.parametrize("seq, heads, topk, window, ties, segmented, block, chunk, dtype", KERNEL_CASES)
+def test_pallas_kernels_match_xla_exactly(rng, seq, heads, topk, window, ties, segmented, block, chunk, dtype):
+    # The three GPU kernels (summary merge, cut states, lanes) in interpret mode against the XLA path: the same
+    # code, so every output is identical, anchors included; both against brute force.
+    from sparsek_jax.thresholds import blocked_thresholds
+    u = random_scores(rng, 2, seq, heads, ties=ties).astype(dtype).astype(jnp.float32)
+    segments = random_segments(rng, 2, seq) if segmented else jnp.zeros((2, seq), jnp.int32)
+    run = lambda impl: blocked_thresholds(u, segments, topk=topk, window=window, buffer_size=min(2 * topk + 4, seq),
+                                          block_size=block, scan_block=chunk, implementation=impl, interpret=True)
+    xla, kernels = run("xla"), run("pallas_gpu")
+    for name in xla._fields:
+        np.testing.assert_array_equal(np.asarray(getattr(kernels, name)), np.asarray(getattr(xla, name)),
+                                      err_msg=name)
+    exp_tau, exp_theta, _ = dense_expectations(u, topk, window, segments if segmented else None)
+    exact = np.asarray(xla.exact) & np.isfinite(exp_tau)
+    np.testing.assert_allclose(np.asarray(xla.tau)[exact], exp_tau[exact], atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(xla.theta), exp_theta.astype(np.float32))
+
+
+def test_merge_kernel_matches_xla(rng):
+    # The scan's combine: top R of two sorted lists (b newer: it wins ties), or b alone across a document start.
+    from pallas_kernels.thresholds import pallas_merge_lists
+    from sparsek_jax.thresholds import _merge_lists_xla, _sorted_desc
+    pairs, R = 6, 12
+
+    def sorted_list(count):
+        z = np.round(rng.normal(size=(pairs, R)) * 2) / 2
+        z = np.where(np.arange(R) < count[:, None], z, -np.inf).astype(np.float32)
+        pos = np.where(np.isfinite(z), np.broadcast_to(rng.permutation(100)[:R], (pairs, R)), -1)
+        return _sorted_desc(jnp.asarray(z), jnp.asarray(pos, jnp.int32))
+
+    a = sorted_list(rng.integers(0, R + 1, size=pairs))
+    b = sorted_list(rng.integers(0, R + 1, size=pairs))
+    b = (b[0], jnp.where(b[1] >= 0, b[1] + 100, -1))  # b's keys are newer
+    keep = jnp.asarray(rng.random(pairs) < 0.3)
+    want = _merge_lists_xla(*a, *b, keep)
+    got = pallas_merge_lists(*a, *b, keep, interpret=True)
+    for name, g, w in zip(("scores", "positions", "dropped"), got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+
+
+FUZZ_RUNS = int(os.environ.get("SPARSEK_FUZZ", "0"))
+
+
+@pytest.mark.skipif(FUZZ_RUNS == 0, reason="fuzzing is opt-in: SPARSEK_FUZZ=<runs>")
+def test_fuzz_against_brute_force():
+    # Random lengths, budgets, windows, block and chunk sizes, ties, slopes and documents; every failure
+    # names the draw's seed (replay with SPARSEK_TEST_SEED and SPARSEK_FUZZ).
+    from sparsek_jax.thresholds import blocked_thresholds
+    base = int(os.environ["SPARSEK_TEST_SEED"])
+    for run in range(FUZZ_RUNS):
+        seed = base + run
+        rng = np.random.default_rng(seed)
+        seq, heads, topk, window = int(rng.integers(5, 70)), int(rng.integers(1, 3)), int(rng.integers(1, 20)), \
+            int(rng.integers(0, 12))
+        block = int(rng.choice([4, 8, 16]))
+        chunk = block * int(rng.integers(1, 4))
+        u = rng.normal(size=(2, seq, heads)) * rng.choice([0.1, 1.0, 3.0]) + rng.choice([0, 0.02, 0.3]) * np.arange(
+            seq)[None, :, None]
+        if rng.random() < 0.3:
+            u = np.round(u * 2) / 2
+        u = jnp.asarray(u.astype(np.float32))
+        segments = random_segments(rng, 2, seq) if rng.random() < 0.5 else None
+        th = blocked_thresholds(u, jnp.zeros((2, seq), jnp.int32) if segments is None else segments, topk=topk,
+                                window=window, buffer_size=min(2 * topk + 8, seq), block_size=block, scan_block=chunk)
+        exp_tau, exp_theta, exp_selected = dense_expectations(u, topk, window, segments)
+        where = f"fuzz draw seed={seed} (seq={seq}, topk={topk}, window={window}, block={block}, chunk={chunk})"
+        tau, exact = np.asarray(th.tau), np.asarray(th.exact)
+        np.testing.assert_array_equal(np.isfinite(tau), np.isfinite(exp_tau), err_msg=where)
+        ok = exact & np.isfinite(exp_tau)
+        np.testing.assert_allclose(tau[ok], exp_tau[ok], atol=3e-5, err_msg=where)
+        np.testing.assert_array_equal(np.asarray(th.theta), exp_theta.astype(np.float32), err_msg=where)
+        for c in range(th.anchors.shape[2]):
+            if c * block < seq:
+                for b in range(2):
+                    for h in range(heads):
+                        got = {int(p) for p in np.asarray(th.anchors[b, h, c]) if p >= 0}
+                        assert got == set(np.nonzero(exp_selected[b, h, c * block])[0].tolist()), where
