@@ -23,7 +23,9 @@ makes the candidate set exceed ``k``) comes from a vectorised search over the so
 
 Every function here is written once on arrays of lanes and runs both as plain XLA (all lanes at once, the
 path used on CPU and TPU and the twin the kernels are tested against) and inside ``pallas_call`` (a block of
-lanes per program, the same code reading and writing refs).
+lanes per program, the same code reading and writing refs). Three Pallas GPU kernels: ``pallas_lanes`` (the
+event simulation), ``pallas_cut_states`` (the state a lane starts from) and ``pallas_merge_lists`` (the
+combine of the associative scan that builds the buffers).
 """
 
 from __future__ import annotations
@@ -282,24 +284,24 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     iteration's loads are independent; a lane whose cut state is replaced by the arrival (a cut begins)
     starts its machines at the next iteration.
     """
-    c0 = s.cut
+    incoming = s.cut
     offset = s.t - info.start
     active = offset < info.length
 
     # Loads, all at the incoming pointers.
     x, x_seg = read.key("z", offset), read.key("seg", offset)
-    az_mid, az_up = read.a("z", c0.a_mid - 1), read.a("z", c0.a_upper - 1)
-    q_mid_z, q_mid_pos, q_mid_seg = (read.q(f, c0.q_mid - 1) for f in ("z", "pos", "seg"))
-    q_up_z, q_up_pos, q_up_seg = (read.q(f, c0.q_upper - 1) for f in ("z", "pos", "seg"))
-    fa_index = jnp.where(s.ready | ~s.tau_done, c0.a_upper, s.a_frac)
-    fq_index = jnp.where(s.ready | ~s.tau_done, c0.q_upper, s.q_frac)
+    az_mid, az_up = read.a("z", incoming.a_mid - 1), read.a("z", incoming.a_upper - 1)
+    q_mid_z, q_mid_pos, q_mid_seg = (read.q(f, incoming.q_mid - 1) for f in ("z", "pos", "seg"))
+    q_up_z, q_up_pos, q_up_seg = (read.q(f, incoming.q_upper - 1) for f in ("z", "pos", "seg"))
+    fa_index = jnp.where(s.ready | ~s.tau_done, incoming.a_upper, s.a_frac)
+    fq_index = jnp.where(s.ready | ~s.tau_done, incoming.q_upper, s.q_frac)
     fa_above, fa_at = read.a("z", fa_index - 1), read.a("z", fa_index)
     fq_above = tuple(read.q(f, fq_index - 1) for f in ("z", "pos", "seg"))
     fq_at = tuple(read.q(f, fq_index) for f in ("z", "pos", "seg"))
-    a1, a2 = (read.a("z", c0.a_top - 1), read.a("pos", c0.a_top - 1)), (read.a("z", c0.a_top - 2),
-                                                                          read.a("pos", c0.a_top - 2))
-    q1 = tuple(read.q(f, c0.q_top - 1) for f in ("z", "pos", "seg"))
-    q2 = tuple(read.q(f, c0.q_top - 2) for f in ("z", "pos", "seg"))
+    a1, a2 = (read.a("z", incoming.a_top - 1), read.a("pos", incoming.a_top - 1)), (read.a("z", incoming.a_top - 2),
+                                                                          read.a("pos", incoming.a_top - 2))
+    q1 = tuple(read.q(f, incoming.q_top - 1) for f in ("z", "pos", "seg"))
+    q2 = tuple(read.q(f, incoming.q_top - 2) for f in ("z", "pos", "seg"))
 
     # --- arrival of key t -------------------------------------------------------------------------------------
     arrive = s.ready & active
@@ -320,7 +322,7 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
                    q_upper=full(q_len), q_mid=full(q_len), a_top=a_all, q_top=full(q_len),
                    theta=jnp.full_like(x, NEG_INF), theta_pos=full(-1))
     choose = lambda m, a, b: jax.tree.map(lambda u, v: jnp.where(m, u, v), a, b)
-    c = choose(precomputed, start_cut, choose(slow, slow_cut, c0))
+    c = choose(precomputed, start_cut, choose(slow, slow_cut, incoming))
     replaced = precomputed | slow
     is_cut = was_cut | starts
     # A newcomer in a running cut joins U or M (or is dead at or below tau) and may enter the top-k.
@@ -496,7 +498,7 @@ def _compiler_params(interpret: bool, num_warps: int):
 @functools.partial(jax.jit, static_argnames=("k", "buffer_size", "chunk", "block", "anchor_offset", "interpret",
                                              "lanes_per_program", "num_warps"))
 def pallas_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
-                 chunk: int, block: int, anchor_offset: int, interpret: bool = False, lanes_per_program: int = 32,
+                 chunk: int, block: int, anchor_offset: int, interpret: bool = False, lanes_per_program: int = 16,
                  num_warps: int = 1) -> Outputs:
     """``xla_lanes`` as a Pallas GPU (Triton) kernel: ``lanes_per_program`` lanes per program, one per vector
     element, each gathering from its own lists; the same ``run_lanes`` code, with stores to the output refs."""

@@ -11,8 +11,8 @@ valid ``tau`` when the solution is not unique (a gap of at least one below the k
 keeps thresholds non-decreasing along growing prefixes.
 
 The same routine (``threshold_of_sorted``) serves the dense operator here and the decoding cache
-(``kv_cache.py``); the blocked prefix thresholds (``thresholds.py``) run the same search with counts and
-prefix sums in place of the sorted row, and the tests compare them against an independent bisection.
+(``kv_cache.py``); the prefix thresholds (``thresholds.py``) track the same closed form along a sequence
+(an event simulation over sorted lists), and the tests compare both against an independent bisection.
 """
 
 from __future__ import annotations

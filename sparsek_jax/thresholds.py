@@ -1,24 +1,25 @@
-"""Per-query SparseK thresholds over growing candidate prefixes, in O(n (T + log R) log R).
+"""Per-query SparseK thresholds over growing candidate prefixes, in time linear in the sequence.
 
 Query ``i`` chooses among the candidate keys ``C_i = {j <= i - window}`` of its own document. ``C_i`` is a
 prefix of the key sequence, so everything is computed once per *key position* ``t`` over ``P_t = {j <= t}``
 and shifted by the window: query ``i`` reads the statistics of ``t = i - window``.
 
-Structure used (SPEC §1, points 2 and 4):
+Structure used:
 - ``theta_t``, the k-th largest score of ``P_t``, never decreases as ``t`` grows; a key that leaves the top-k
-  never returns. So a buffer holding the top ``R >= k`` keys of the prefix seen so far is all the past a
-  position needs for ``theta`` (exact whenever ``R >= k``).
+  never returns. So a buffer holding the top ``R > k`` keys of the prefix seen so far is all the past a
+  position needs for ``theta`` (always exact).
 - ``tau_t`` only depends on keys with score above ``tau_t``. The buffer is exact for ``tau_t`` when the
   largest score ever dropped from it is ``<= tau_t``: then every dropped key has gate 0. We carry that
   largest dropped score and report, per query, whether the condition held (``ThresholdInfo.exact``).
+- both never decrease within a document, so the keys a threshold depends on can be tracked by pointers that
+  only move one way.
 
-The keys are scanned in blocks of ``T``. Every block's buffer (top R before it) comes from an associative
-scan of per-block top-R summaries, merged by counting ranks. Then each position of a block sees the sorted
-buffer plus the block's keys up to itself; nothing per position is materialised: counts over the buffer are
-binary searches, counts over the block masked sums over its ``T`` keys, sums over the buffer come from
-float-float prefix sums. ``tau`` is found as in the operator's ``threshold_of_sorted`` (binary search for
-the linear piece, closed form on it), ``theta`` by rank counting (``_block_statistics``). Memory is
-``O(n R / T)`` per row of scores, time ``O(n (T + log R) log R)``, all positions in parallel.
+The keys are cut into chunks; every chunk's buffer (the top R keys before it, in its document) comes from an
+associative scan of per-chunk summaries, merged by counting ranks. Then one lane per chunk replays the chunk
+key by key as an event simulation (``pallas_kernels.thresholds``): counts of the keys with gate 1 and with a
+fractional gate, a float-float sum of the latter, pointers into the sorted buffer and the sorted chunk.
+Memory is ``O(n R / C)`` per row of scores, time ``O(n log R)`` plus ``O(C)`` events per chunk. The XLA path
+and the Pallas GPU kernels run the same code (docs/operator.md, docs/kernels.md).
 
 Ties: keys are ordered by ``(score, position)``: among equal scores the newer key ranks higher. So the
 selection ``j in S_i  <=>  (u_j, j) >= (theta_i, theta_pos_i)`` picks exactly ``min(topk, |C_i|)`` keys.
@@ -120,7 +121,7 @@ class BlockedThresholds(NamedTuple):
     anchors: int32 ``[batch, kv_heads, ceil(seq / block_size), min(topk, seq)]``: for the query block
       starting at ``i0 = c * block_size``, the positions of its first query's selected keys ``S_{i0}``
       (``-1`` for empty slots). Every key a query of the block selects is either here or among the
-      ``block_size - 1`` candidates that enter after ``i0`` (SPEC §1, point 3).
+      ``block_size - 1`` candidates that enter after ``i0``.
     """
 
     tau: jax.Array
@@ -389,6 +390,7 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
       ``1 / |M_i|`` on the fractional keys ``M_i``, ``d theta_i / d u_l`` is 1 on the k-th key.
     """
     topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
+    implementation = resolve_implementation(implementation)
     batch, seq, kv_heads = scores.shape
     block_size = validation.check_nonnegative_int("block_size", block_size)
     if block_size < 1:
@@ -408,7 +410,7 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
 
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
-    options = _Options(topk, window, buffer_size, block_size, resolve_implementation(implementation), interpret)
+    options = _Options(topk, window, buffer_size, block_size, implementation, interpret)
     tau, theta, theta_pos, num_fractional, exact = _differentiable_thresholds(scores, segments, options)
     if return_info:
         return tau, theta, ThresholdInfo(theta_pos, num_fractional, exact)
