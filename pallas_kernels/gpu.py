@@ -1,6 +1,6 @@
 """Pallas GPU (Triton-lowered) kernels: fused SparseK attention, forward and backward, over gathered tiles.
 
-Tiles (SPEC §1, point 3). For a block of ``block_q`` consecutive queries starting at ``i0`` every key any of
+Tiles. For a block of ``block_q`` consecutive queries starting at ``i0`` every key any of
 them attends to is either a *contiguous* key in ``(i0 - window, i0 + block_q - 1]`` (the windows and the
 candidates that enter inside the block) or an *anchor*: a key selected by the block's first query. The
 queries of all query heads of a KV head's group are one ``[block_q * group, head_dim]`` tile (GQA reads every

@@ -81,9 +81,9 @@ class Cut(NamedTuple):
     sum_hi: jax.Array     # sum over M of (z - c0): float-float pair
     sum_lo: jax.Array
     a_upper: jax.Array    # #{A: z - 1 > tau}
-    a_mid: jax.Array      # #{A: z > tau}
+    a_above: jax.Array    # #{A: z > tau} (U and M)
     q_upper: jax.Array    # #{Q (all entries): z - 1 > tau}
-    q_mid: jax.Array      # #{Q (all entries): z > tau}
+    q_above: jax.Array    # #{Q (all entries): z > tau}
     a_top: jax.Array      # A[:a_top] are top-k members
     q_top: jax.Array      # Q[:q_top] rank at or above theta (members once arrived)
     theta: jax.Array
@@ -91,13 +91,17 @@ class Cut(NamedTuple):
 
 
 class State(NamedTuple):
-    t: jax.Array          # position being processed (after its arrival) or next to arrive
+    """A lane's state (every field ``[lanes]``): where it is in its chunk and what the thresholds of the
+    current key prefix depend on. Each of the three machines (tau, theta, the fractional count) has a flag
+    that says whether it has settled for position ``t``; the lane emits ``t`` once all three have."""
+
+    t: jax.Array          # position being processed (after its arrival), or the next to arrive
     ready: jax.Array      # waiting for the arrival of key t
-    doc: jax.Array
+    doc: jax.Array        # segment id of the current document
     a_vis: jax.Array      # A belongs to the current document
-    count: jax.Array      # keys of the current document so far
-    cut: Cut
-    is_cut: jax.Array
+    count: jax.Array      # keys of the current document so far (not capped)
+    cut: Cut              # meaningful once is_cut
+    is_cut: jax.Array     # the document has more than k keys: there is a threshold
     tau_done: jax.Array
     removals: jax.Array   # members still to pop from the top-k
     theta_done: jax.Array
@@ -108,8 +112,7 @@ class State(NamedTuple):
 
 
 class Outputs(NamedTuple):
-    """Per position ``[lanes * (C + 1)]`` (the last slot of each lane is a sink) and per anchor row
-    ``[lanes * (C // block + 1)]``."""
+    """What the lanes emit: per position ``[lanes, C]`` and per anchor row ``[lanes, C // block]``."""
 
     tau: jax.Array
     theta: jax.Array
@@ -128,13 +131,14 @@ def two_sum(hi, lo, x):
 
 
 def _split_sums(x, mask, axis=-1):
-    """Sum of float32 ``x`` (|x| < 4, up to 2**12 terms) where ``mask``, as (integer-grid part, rest) sums that
-    do not depend on the order of summation: the coarse parts are multiples of 2**-11 and 2**-23 whose sums
-    are exact in float32, and the remainder is below 2**-23 per term."""
+    """Sum of float32 ``x`` where ``mask`` as three partial sums that do not depend on the order of summation:
+    each term is split into a multiple of 2**-10, a multiple of 2**-21 and a remainder below 2**-21. For terms
+    in [0, 2) and up to 8192 of them (R + C <= 8192) the first two sums are exact in float32; beyond that
+    they round, and the kernels' decisions may differ from XLA's in the last bits."""
     x = jnp.where(mask, x, 0.0)
-    hi = jnp.floor(x * 2048.0) * (1.0 / 2048.0)
+    hi = jnp.floor(x * 1024.0) * (1.0 / 1024.0)
     rest = x - hi
-    mid = jnp.floor(rest * 8388608.0) * (1.0 / 8388608.0)
+    mid = jnp.floor(rest * 2097152.0) * (1.0 / 2097152.0)
     lo = rest - mid
     return jnp.sum(hi, axis=axis), jnp.sum(mid, axis=axis), jnp.sum(lo, axis=axis)
 
@@ -236,14 +240,20 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
 
     n_upper, n_mid, hi, lo = partition(start)
     root = c0 + ((n_upper - k).astype(jnp.float32) + hi + lo) / jnp.maximum(n_mid, 1).astype(jnp.float32)
-    tau = jnp.maximum(root, start)
+    # A root at or past the next visible breakpoint is that breakpoint (rounding, or f = k there): a lane
+    # lands on breakpoints exactly, and tau must agree with the fractional count taken at it.
+    above = lambda z, valid: jnp.min(jnp.where(valid & (z > start), z, jnp.inf))
+    upper_above = lambda z, valid: jnp.min(jnp.where(valid & (z - 1.0 > start), z - 1.0, jnp.inf))
+    next_point = jnp.minimum(jnp.minimum(above(a_z, a_valid), upper_above(a_z, a_valid)),
+                             jnp.minimum(above(q_z, q_vis), upper_above(q_z, q_vis)))
+    tau = jnp.where(root >= next_point, next_point, jnp.maximum(root, start))
     n_upper, n_mid, hi, lo = partition(tau)
     count = lambda mask: jnp.sum(mask, dtype=jnp.int32)
     above_theta = lambda z, p: (z > theta) | ((z == theta) & (p >= theta_pos))
     scalar = lambda x: jnp.max(x)  # [1] -> scalar
     return Cut(tau=tau, c0=c0, n_upper=n_upper, n_mid=n_mid, sum_hi=hi, sum_lo=lo,
-               a_upper=count(a_valid & (a_z - 1.0 > tau)), a_mid=count(a_valid & (a_z > tau)),
-               q_upper=count(q_valid & (q_z - 1.0 > tau)), q_mid=count(q_valid & (q_z > tau)),
+               a_upper=count(a_valid & (a_z - 1.0 > tau)), a_above=count(a_valid & (a_z > tau)),
+               q_upper=count(q_valid & (q_z - 1.0 > tau)), q_above=count(q_valid & (q_z > tau)),
                a_top=count(a_valid & above_theta(a_z, a_pos)), q_top=count(q_valid & above_theta(q_z, q_pos)),
                theta=scalar(theta), theta_pos=scalar(theta_pos))
 
@@ -274,8 +284,9 @@ def initial_state(info: LaneInfo, chunk_cut: Cut, *, k: int) -> State:
 
 
 def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int, q_len: int):
-    """One event of every lane. Returns ``(state, emit)``; ``emit`` marks lanes that finished position
-    ``t`` (the state's ``t`` has then moved on; ``emitted_values`` reads what to write).
+    """One event of every lane (all fields ``[lanes]``). Returns ``(state, emit)``; ``emit`` marks lanes that
+    finished position ``t`` (the state's ``t`` has then moved on; ``emitted_values`` reads what to write).
+    ``q_len`` is the length ``C`` of each lane's Q.
 
     An iteration takes the arrival of the next key (if the lane is waiting for one), then makes at most one
     move in each of three independent machines: ``tau`` (settle on the current piece or cross one
@@ -290,8 +301,8 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
 
     # Loads, all at the incoming pointers.
     x, x_seg = read.key("z", offset), read.key("seg", offset)
-    az_mid, az_up = read.a("z", incoming.a_mid - 1), read.a("z", incoming.a_upper - 1)
-    q_mid_z, q_mid_pos, q_mid_seg = (read.q(f, incoming.q_mid - 1) for f in ("z", "pos", "seg"))
+    az_mid, az_up = read.a("z", incoming.a_above - 1), read.a("z", incoming.a_upper - 1)
+    q_mid_z, q_mid_pos, q_mid_seg = (read.q(f, incoming.q_above - 1) for f in ("z", "pos", "seg"))
     q_up_z, q_up_pos, q_up_seg = (read.q(f, incoming.q_upper - 1) for f in ("z", "pos", "seg"))
     fa_index = jnp.where(s.ready | ~s.tau_done, incoming.a_upper, s.a_frac)
     fq_index = jnp.where(s.ready | ~s.tau_done, incoming.q_upper, s.q_frac)
@@ -318,8 +329,8 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     full = lambda v: jnp.full_like(count, v)
     a_all = jnp.where(a_vis, info.a_count, 0)
     slow_cut = Cut(tau=jnp.full_like(x, NEG_INF), c0=jnp.floor(x), n_upper=count, n_mid=full(0),
-                   sum_hi=jnp.zeros_like(x), sum_lo=jnp.zeros_like(x), a_upper=a_all, a_mid=a_all,
-                   q_upper=full(q_len), q_mid=full(q_len), a_top=a_all, q_top=full(q_len),
+                   sum_hi=jnp.zeros_like(x), sum_lo=jnp.zeros_like(x), a_upper=a_all, a_above=a_all,
+                   q_upper=full(q_len), q_above=full(q_len), a_top=a_all, q_top=full(q_len),
                    theta=jnp.full_like(x, NEG_INF), theta_pos=full(-1))
     choose = lambda m, a, b: jax.tree.map(lambda u, v: jnp.where(m, u, v), a, b)
     c = choose(precomputed, start_cut, choose(slow, slow_cut, incoming))
@@ -348,9 +359,9 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     # --- tau: settle on the current piece, or cross one breakpoint --------------------------------------------
     in_tau = working & ~tau_done
     inf = jnp.inf
-    cand_am = jnp.where(a_vis & (c.a_mid > c.a_upper), az_mid, inf)
+    cand_am = jnp.where(a_vis & (c.a_above > c.a_upper), az_mid, inf)
     cand_au = jnp.where(a_vis & (c.a_upper > 0), az_up - 1.0, inf)
-    cand_qm = jnp.where(c.q_mid > c.q_upper, q_mid_z, inf)
+    cand_qm = jnp.where(c.q_above > c.q_upper, q_mid_z, inf)
     cand_qu = jnp.where(c.q_upper > 0, q_up_z - 1.0, inf)
     nb = jnp.minimum(jnp.minimum(cand_am, cand_au), jnp.minimum(cand_qm, cand_qu))
     numerator = ((c.n_upper - k).astype(jnp.float32) + c.sum_hi) + c.sum_lo
@@ -372,9 +383,19 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     hi, lo = two_sum(c.sum_hi, c.sum_lo, delta)
     tau = jnp.where(settle & on_piece, jnp.maximum(root, c.tau), jnp.where(cross, nb, c.tau))
     c = c._replace(tau=tau, sum_hi=hi, sum_lo=lo, n_upper=c.n_upper - e_au - qu_counts,
-                   n_mid=c.n_mid - e_am + e_au - qm_counts + qu_counts, a_mid=c.a_mid - e_am,
-                   a_upper=c.a_upper - e_au, q_mid=c.q_mid - e_qm, q_upper=c.q_upper - e_qu)
+                   n_mid=c.n_mid - e_am + e_au - qm_counts + qu_counts, a_above=c.a_above - e_am,
+                   a_upper=c.a_upper - e_au, q_above=c.q_above - e_qm, q_upper=c.q_upper - e_qu)
     tau_done = tau_done | settle
+    # Keep the sum's centre near tau, so that every term z - c0 is small and rounds little (tau can climb far,
+    # past masked-looking scores): where M is empty the sum restarts at floor(tau); otherwise it shifts by
+    # |M| times an integer, exactly.
+    finite = jnp.isfinite(c.tau)
+    centre = jnp.where(finite, jnp.floor(c.tau), c.c0)
+    restart = finite & (c.n_mid == 0) & (centre != c.c0)
+    shift = finite & (c.n_mid > 0) & (jnp.abs(centre - c.c0) >= 4.0)
+    hi, lo = two_sum(c.sum_hi, c.sum_lo, jnp.where(shift, c.n_mid.astype(jnp.float32) * (c.c0 - centre), 0.0))
+    c = c._replace(c0=jnp.where(restart | shift, centre, c.c0), sum_hi=jnp.where(restart, 0.0, hi),
+                   sum_lo=jnp.where(restart, 0.0, lo))
     a_frac = jnp.where(settle, c.a_upper, a_frac)
     q_frac = jnp.where(settle, c.q_upper, q_frac)
     q_adjust = jnp.where(settle, 0, q_adjust)
@@ -383,9 +404,9 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     # --- fractional count: where the attention's test (z - tau < 1) and the state's (z - 1 <= tau) differ ----
     checking = working & tau_done & ~frac_done & (a_frac == fa_index) & (q_frac == fq_index)
     a_down = checking & a_vis & (a_frac > 0) & (fa_above - c.tau < 1.0)
-    a_up = checking & a_vis & ~a_down & (a_frac < c.a_mid) & (fa_at - c.tau >= 1.0)
+    a_up = checking & a_vis & ~a_down & (a_frac < c.a_above) & (fa_at - c.tau >= 1.0)
     q_down = checking & (q_frac > 0) & (fq_above[0] - c.tau < 1.0)
-    q_up = checking & ~q_down & (q_frac < c.q_mid) & (fq_at[0] - c.tau >= 1.0)
+    q_up = checking & ~q_down & (q_frac < c.q_above) & (fq_at[0] - c.tau >= 1.0)
     a_frac = a_frac - a_down + a_up
     q_frac = q_frac - q_down + q_up
     q_adjust = q_adjust + (q_down & visible(*fq_above[1:])) - (q_up & visible(*fq_at[1:]))
@@ -423,68 +444,76 @@ def emitted_values(state: State, info: LaneInfo):
     """(tau, theta, theta_pos, num_fractional, exact, a_top) of the position a lane just emitted."""
     s, c = state, state.cut
     cut = s.is_cut
-    a_fractional = jnp.where(s.a_vis, c.a_mid - s.a_frac, 0)
-    q_mid_visible = c.n_mid - jnp.where(s.a_vis, c.a_mid - c.a_upper, 0)
+    a_fractional = jnp.where(s.a_vis, c.a_above - s.a_frac, 0)
+    q_mid_visible = c.n_mid - jnp.where(s.a_vis, c.a_above - c.a_upper, 0)
     num_fractional = jnp.where(cut, a_fractional + q_mid_visible + s.q_adjust, 0)
     return (jnp.where(cut, c.tau, NEG_INF), jnp.where(cut, c.theta, NEG_INF), jnp.where(cut, c.theta_pos, -1),
             num_fractional, ~(cut & s.a_vis & (info.a_dropped > c.tau)),
             jnp.where(s.a_vis, jnp.where(cut, c.a_top, info.a_count), 0))
 
 
-def run_lanes(info: LaneInfo, chunk_cut: Cut, start_cut: Cut, read: Reader, write: Callable, outputs, *, k: int,
-              q_len: int, block: int, anchor_offset: int):
-    """Runs every lane to the end of its chunk. ``write(outputs, emit, offset, values, anchor)`` stores what
-    the lanes emit (``offset``: position in the chunk; ``anchor``: anchor-row index, or -1) and returns the
-    new ``outputs`` (the XLA driver carries arrays, the kernel writes refs and carries nothing)."""
-    state = initial_state(info, chunk_cut, k=k)
+def run_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, store: Callable, outputs, *, k: int,
+              buffer_size: int, chunk: int, block: int, anchor_offset: int):
+    """Runs every lane to the end of its chunk (``L = info.start.shape[0]`` lanes).
 
-    def body(carry):
-        state, outputs = carry
-        emitted_t = state.t
-        state, emit = lane_step(state, info, start_cut, read, k=k, q_len=q_len)
-        offset = emitted_t - info.start
-        is_anchor_row = (offset % block) == anchor_offset
-        anchor = jnp.where(emit & is_anchor_row, offset // block, -1)
-        outputs = write(outputs, emit, offset, emitted_values(state, info), anchor)
-        return state, outputs
-
-    def cond(carry):
-        state, _ = carry
-        return jnp.max((state.t - info.start < info.length).astype(jnp.int32)) > 0  # (no reduce_or in Triton)
-
-    return lax.while_loop(cond, body, (state, outputs))[1]
-
-
-def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
-              chunk: int, block: int, anchor_offset: int) -> Outputs:
-    """All lanes at once in plain XLA (the CPU/TPU path and the kernels' twin). Returns ``Outputs`` shaped
-    ``[lanes, chunk]`` and ``[lanes, chunk // block]`` (anchor rows)."""
-    lanes = info.start.shape[0]
-    lane = jnp.arange(lanes, dtype=jnp.int32)
+    ``lists`` holds flat arrays (XLA) or refs (a kernel): lane ``l`` reads A at ``[l * R, (l + 1) * R)`` and Q
+    and its keys at ``[l * C, (l + 1) * C)``. ``store(outputs, slot, anchor_slot, values)`` writes the emitted
+    ``values`` (tau, theta, theta_pos, num_fractional, exact, a_top) at flat slots of ``[L * (C + 1)]`` and
+    ``[L * (C // block + 1)]`` outputs (the last slot of each lane is a sink for lanes that emit nothing) and
+    returns the new ``outputs``: the XLA driver carries arrays, the kernel writes refs and carries nothing.
+    """
+    lane = lax.iota(jnp.int32, info.start.shape[0])
     R, C = buffer_size, chunk
-    rows_per_lane = C // block
+    rows = C // block
 
-    def gather(array, width, idx):
-        return array[lane * width + jnp.clip(idx, 0, width - 1)]
+    def gather(x, width, idx):
+        return x[lane * width + jnp.clip(idx, 0, width - 1)]
 
     read = Reader(a=lambda f, i: gather(lists.a_z if f == "z" else lists.a_pos, R, i),
                   q=lambda f, i: gather({"z": lists.q_z, "pos": lists.q_pos, "seg": lists.q_seg}[f], C, i),
                   key=lambda f, o: gather(lists.key_z if f == "z" else lists.key_seg, C, o))
 
-    def write(outputs, emit, offset, values, anchor):
+    def body(carry):
+        state, outputs = carry
+        offset = state.t - info.start
+        state, emit = lane_step(state, info, start_cut, read, k=k, q_len=C)
+        anchor = emit & (offset % block == anchor_offset)
         slot = lane * (C + 1) + jnp.where(emit, offset, C)
-        anchor_slot = lane * (rows_per_lane + 1) + jnp.where(anchor >= 0, anchor, rows_per_lane)
-        return Outputs(*(o.at[slot].set(v) for o, v in zip(outputs[:5], values[:5])),
+        anchor_slot = lane * (rows + 1) + jnp.where(anchor, offset // block, rows)
+        return state, store(outputs, slot, anchor_slot, emitted_values(state, info))
+
+    def cond(carry):
+        state, _ = carry
+        return jnp.max((state.t - info.start < info.length).astype(jnp.int32)) > 0  # (no reduce_or in Triton)
+
+    return lax.while_loop(cond, body, (initial_state(info, chunk_cut, k=k), outputs))[1]
+
+
+def _output_buffers(lanes: int, C: int, rows: int):
+    return Outputs(jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32), jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32),
+                   jnp.full((lanes * (C + 1),), -1, jnp.int32), jnp.zeros((lanes * (C + 1),), jnp.int32),
+                   jnp.ones((lanes * (C + 1),), jnp.int32), jnp.zeros((lanes * (rows + 1),), jnp.int32))
+
+
+def _unflatten(out: Outputs, lanes: int, C: int, rows: int) -> Outputs:
+    """Flat ``[>= lanes * (C + 1)]`` outputs -> ``[lanes, C]`` and ``[lanes, rows]``, sinks dropped."""
+    per_position = lambda x: x[:lanes * (C + 1)].reshape(lanes, C + 1)[:, :C]
+    return Outputs(*(per_position(x) for x in out[:4]), per_position(out.exact).astype(bool),
+                   out.anchor_top[:lanes * (rows + 1)].reshape(lanes, rows + 1)[:, :rows])
+
+
+def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
+              chunk: int, block: int, anchor_offset: int) -> Outputs:
+    """All lanes at once in plain XLA (the CPU/TPU path and the kernels' twin); see ``run_lanes``."""
+    lanes, rows = info.start.shape[0], chunk // block
+
+    def store(outputs, slot, anchor_slot, values):
+        return Outputs(*(o.at[slot].set(v.astype(o.dtype)) for o, v in zip(outputs[:5], values[:5])),
                        outputs.anchor_top.at[anchor_slot].set(values[5]))
 
-    outputs = Outputs(jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32),
-                      jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32),
-                      jnp.full((lanes * (C + 1),), -1, jnp.int32), jnp.zeros((lanes * (C + 1),), jnp.int32),
-                      jnp.ones((lanes * (C + 1),), bool), jnp.zeros((lanes * (rows_per_lane + 1),), jnp.int32))
-    out = run_lanes(info, chunk_cut, start_cut, read, write, outputs, k=k, q_len=C, block=block,
-                    anchor_offset=anchor_offset)
-    per_position = lambda x: x.reshape(lanes, C + 1)[:, :C]
-    return Outputs(*(per_position(x) for x in out[:5]), out.anchor_top.reshape(lanes, rows_per_lane + 1)[:, :-1])
+    out = run_lanes(lists, info, chunk_cut, start_cut, store, _output_buffers(lanes, chunk, rows), k=k,
+                    buffer_size=buffer_size, chunk=chunk, block=block, anchor_offset=anchor_offset)
+    return _unflatten(out, lanes, chunk, rows)
 
 
 def _compiler_params(interpret: bool, num_warps: int):
@@ -519,31 +548,18 @@ def pallas_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *
     n_info, n_cut = len(info), len(chunk_cut)
 
     def kernel(*refs):
-        list_refs = refs[:7]
-        scalar_refs = refs[7:7 + n_info + 2 * n_cut]
+        list_refs = Lists(*refs[:7])
+        values = [r[...] for r in refs[7:7 + n_info + 2 * n_cut]]
         out_refs = refs[7 + n_info + 2 * n_cut:]
-        values = [r[...] for r in scalar_refs]
-        lane_info = LaneInfo(*values[:n_info])
-        first_cut = Cut(*values[n_info:n_info + n_cut])
-        begin_cut = Cut(*values[n_info + n_cut:])
-        lane = lax.iota(jnp.int32, P)
-        a_z, a_pos, q_z, q_pos, q_seg, key_z, key_seg = list_refs
 
-        def gather(ref, width, idx):
-            return ref[lane * width + jnp.clip(idx, 0, width - 1)]
-
-        read = Reader(a=lambda f, i: gather(a_z if f == "z" else a_pos, R, i),
-                      q=lambda f, i: gather({"z": q_z, "pos": q_pos, "seg": q_seg}[f], C, i),
-                      key=lambda f, o: gather(key_z if f == "z" else key_seg, C, o))
-
-        def write(outputs, emit, offset, values, anchor):
-            slot = lane * (C + 1) + jnp.where(emit, offset, C)
-            for ref, v in zip(out_refs[:5], values[:5]):
+        def store(outputs, slot, anchor_slot, emitted):
+            for ref, v in zip(out_refs[:5], emitted[:5]):
                 ref[slot] = v.astype(ref.dtype)
-            out_refs[5][lane * (rows_per_lane + 1) + jnp.where(anchor >= 0, anchor, rows_per_lane)] = values[5]
+            out_refs[5][anchor_slot] = emitted[5]
             return outputs
 
-        run_lanes(lane_info, first_cut, begin_cut, read, write, jnp.int32(0), k=k, q_len=C, block=block,
+        run_lanes(list_refs, LaneInfo(*values[:n_info]), Cut(*values[n_info:n_info + n_cut]),
+                  Cut(*values[n_info + n_cut:]), store, jnp.int32(0), k=k, buffer_size=R, chunk=C, block=block,
                   anchor_offset=anchor_offset)
 
     list_specs = [pl.BlockSpec((None, P * w), lambda i: (i, 0)) for w in list_widths]
@@ -555,23 +571,26 @@ def pallas_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *
     outs = pl.pallas_call(kernel, grid=(programs,), in_specs=list_specs + scalar_specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret, name="sparsek_threshold_lanes",
                           compiler_params=_compiler_params(interpret, num_warps))(*list_args, *scalar_args)
-    # Unwritten slots (never emitted: padding) are garbage; every real position is emitted exactly once.
-    per_position = lambda x: x.reshape(programs * P, C + 1)[:lanes, :C]
-    tau, theta, theta_pos, num_fractional, exact, anchor_top = outs
-    return Outputs(per_position(tau), per_position(theta), per_position(theta_pos), per_position(num_fractional),
-                   per_position(exact).astype(bool),
-                   anchor_top.reshape(programs * P, rows_per_lane + 1)[:lanes, :rows_per_lane])
+    # Slots that are never emitted (positions past a chunk's length, padding lanes) are garbage; the caller
+    # reads only real positions and masks anchor rows past the sequence.
+    return _unflatten(Outputs(*(x.reshape(-1) for x in outs)), lanes, C, rows_per_lane)
 
 
 _CUT_FLOATS = ("tau", "c0", "sum_hi", "sum_lo", "theta")
-_CUT_INTS = ("n_upper", "n_mid", "a_upper", "a_mid", "q_upper", "q_mid", "a_top", "q_top", "theta_pos")
+_CUT_INTS = ("n_upper", "n_mid", "a_upper", "a_above", "q_upper", "q_above", "a_top", "q_top", "theta_pos")
+
+
+def _unpack(scalars):
+    """The four int32 scalars of a chunk, (a_count, a_doc, cut_pos, cut_doc), from a [4] vector (masked sums:
+    Triton cannot slice)."""
+    return tuple(jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, scalars, 0)) for n in range(4))
 
 
 def chunk_cut_state(a_z, a_pos, q_z, q_pos, q_seg, scalars, which, *, k: int) -> Cut:
     """``cut_state`` of one chunk at its start (``which = 0``: the buffer alone) or at its first cut
     (``which = 1``: the buffer if it is in that document, and the chunk's keys of that document up to the cut).
     ``scalars`` = (a_count, a_doc, cut_pos, cut_doc), int32 [4]."""
-    a_count, a_doc, cut_pos, cut_doc = (jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, scalars, 0)) for n in range(4))
+    a_count, a_doc, cut_pos, cut_doc = _unpack(scalars)
     at_cut = jnp.asarray(which) == 1
     ia = lax.iota(jnp.int32, a_z.shape[0])
     a_valid = (ia < a_count) & (~at_cut | (a_doc == cut_doc))
@@ -605,8 +624,7 @@ def pallas_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int, interpr
     def kernel(a_z_ref, a_pos_ref, q_z_ref, q_pos_ref, q_seg_ref, scalars_ref, f_ref, i_ref):
         which = pl.program_id(0)
         scalars = scalars_ref[...]
-        a_count, cut_pos = jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == 0, scalars, 0)), jnp.sum(
-            jnp.where(lax.iota(jnp.int32, 4) == 2, scalars, 0))
+        a_count, _, cut_pos, _ = _unpack(scalars)
         needed = jnp.where(which == 0, a_count > k, cut_pos >= 0)
 
         def compute(_):

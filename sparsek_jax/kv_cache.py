@@ -6,7 +6,7 @@ One layout serves the three attention kinds (one implementation with parameters)
 - ``sliding``: a ring of ``window`` slots, nothing selected;
 - ``dense``: a ring of ``max_length`` slots (it never wraps while the sequence fits), nothing selected.
 
-Why this is exact for SparseK (SPEC §1, point 2): the candidates of the next query are the keys older than
+Why this is exact for SparseK: the candidates of the next query are the keys older than
 the window, a set that only grows, so its top-k by ``(score, position)`` only changes by a newcomer
 displacing the weakest selected key, and a displaced key never returns. Its K/V can be dropped at once.
 Keys ranked ``topk + 1 .. topk + extra`` can never be selected again either, but their scores still move

@@ -158,7 +158,7 @@ def _sparsek_fwd(z32, k):
 
 def _sparsek_bwd(residuals, g):
     p = residuals
-    # Only the fractional entries M = {0 < p < 1} move with z; tau moves by mean_M(dz) (SPEC §1).
+    # Only the fractional entries M = {0 < p < 1} move with z; tau moves by mean_M(dz).
     fractional = (p > 0.0) & (p < 1.0)
     count = jnp.sum(fractional, axis=-1, keepdims=True)
     mean = jnp.sum(jnp.where(fractional, g, 0.0), axis=-1, keepdims=True) / jnp.maximum(count, 1)

@@ -28,13 +28,13 @@ selection ``j in S_i  <=>  (u_j, j) >= (theta_i, theta_pos_i)`` picks exactly ``
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import thresholds as lanes
+from pallas_kernels import thresholds as simulation
 from sparsek_jax import validation
 
 __all__ = ["ThresholdInfo", "prefix_thresholds", "default_buffer_size", "is_selected"]
@@ -73,7 +73,7 @@ def _sorted_desc(scores, pos):
 
 
 def _merge_lists_xla(a_scores, a_pos, b_scores, b_pos, keep_b):
-    """Top R of two sorted lists (b newer), batched over the first axis; see ``lanes.pallas_merge_lists``."""
+    """Top R of two sorted lists (b newer), batched over the first axis; see ``simulation.pallas_merge_lists``."""
     buffer_size = a_scores.shape[-1]
 
     def merge(a_scores, a_pos, b_scores, b_pos):
@@ -135,14 +135,30 @@ class BlockedThresholds(NamedTuple):
 class _Chunks(NamedTuple):
     """The sorted lists and per-chunk scalars of every lane (rows x chunks, flattened)."""
 
-    lists: lanes.Lists
-    info: lanes.LaneInfo
-    chunk_cut: lanes.Cut
-    start_cut: lanes.Cut
+    lists: simulation.Lists
+    info: simulation.LaneInfo
+    chunk_cut: simulation.Cut
+    start_cut: simulation.Cut
     a_pos: jax.Array    # [rows, chunks, R]
     q_z: jax.Array      # [rows, chunks, C]
     q_pos: jax.Array
     q_seg: jax.Array
+
+
+class _Backend(NamedTuple):
+    """The three heavy steps, in plain XLA or as Pallas GPU kernels (the same code)."""
+
+    merge_lists: Callable
+    cut_states: Callable
+    lanes: Callable
+
+
+def _backend(implementation: str, interpret: bool) -> _Backend:
+    if implementation == "pallas_gpu":
+        return _Backend(functools.partial(simulation.pallas_merge_lists, interpret=interpret),
+                        functools.partial(simulation.pallas_cut_states, interpret=interpret),
+                        functools.partial(simulation.pallas_lanes, interpret=interpret))
+    return _Backend(_merge_lists_xla, simulation.xla_cut_states, simulation.xla_lanes)
 
 
 def default_scan_block(block_size: int, seq: int) -> int:
@@ -152,8 +168,8 @@ def default_scan_block(block_size: int, seq: int) -> int:
     return blocks * block_size
 
 
-def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int, implementation: str = "xla",
-                    interpret: bool = False) -> _Chunks:
+def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
+                    backend: _Backend = _backend("xla", False)) -> _Chunks:
     """Sorted chunk lists, start buffers (an associative scan of per-chunk top-R summaries), document
     counts and the cut states every lane starts from. scores float32 [rows, seq], segments int32 [rows, seq]."""
     rows, seq = scores.shape
@@ -183,11 +199,8 @@ def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int
     chunk_change = jnp.pad(change, [(0, 0), (0, 1)]).reshape(rows, num_chunks, C)[:, :, :C - 1]
     summary = (summary_z[..., :R], summary_pos[..., :R], jnp.max(summary_z[..., R:], axis=-1, initial=-jnp.inf),
                seg[:, starts], last_seg, jnp.any(chunk_change, axis=-1))
-    if implementation == "pallas_gpu":
-        merge_lists = functools.partial(lanes.pallas_merge_lists, interpret=interpret)
-    else:
-        merge_lists = _merge_lists_xla
-    inclusive = lax.associative_scan(functools.partial(_merge_summaries, merge_lists=merge_lists), summary, axis=1)
+    inclusive = lax.associative_scan(functools.partial(_merge_summaries, merge_lists=backend.merge_lists), summary,
+                                     axis=1)
     empty = (jnp.full((rows, 1, R), -jnp.inf, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
              jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.full((rows, 1), -2, jnp.int32),
              jnp.full((rows, 1), -2, jnp.int32), jnp.zeros((rows, 1), bool))
@@ -205,16 +218,13 @@ def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int
     cut_doc = jnp.take_along_axis(seg, jnp.maximum(cut_pos, 0), axis=1)
     scalars = jnp.stack([a_count, a_doc, cut_pos, cut_doc], axis=-1).reshape(rows * num_chunks, 4)
     lists_of_chunks = (x.reshape((rows * num_chunks,) + x.shape[2:]) for x in (a_z, a_pos, q_z, q_pos, q_seg))
-    if implementation == "pallas_gpu":
-        states = lanes.pallas_cut_states(*lists_of_chunks, scalars, k=topk, interpret=interpret)
-    else:
-        states = lanes.xla_cut_states(*lists_of_chunks, scalars, k=topk)
+    states = backend.cut_states(*lists_of_chunks, scalars, k=topk)
     chunk_cut, start_cut = (jax.tree.map(lambda x: x.reshape(rows, num_chunks), s) for s in states)
 
     flat = lambda x: x.reshape(-1)
-    lists = lanes.Lists(flat(a_z), flat(a_pos), flat(q_z), flat(q_pos), flat(q_seg), flat(z), flat(seg))
+    lists = simulation.Lists(flat(a_z), flat(a_pos), flat(q_z), flat(q_pos), flat(q_seg), flat(z), flat(seg))
     length = jnp.broadcast_to(jnp.minimum(C, seq - starts), (rows, num_chunks))
-    info = lanes.LaneInfo(flat(jnp.broadcast_to(starts, (rows, num_chunks))), flat(length), flat(a_count),
+    info = simulation.LaneInfo(flat(jnp.broadcast_to(starts, (rows, num_chunks))), flat(length), flat(a_count),
                           flat(a_doc), flat(a_dropped), flat(count0), flat(cut_pos))
     return _Chunks(lists, info, jax.tree.map(flat, chunk_cut), jax.tree.map(flat, start_cut), a_pos, q_z, q_pos,
                    q_seg)
@@ -236,6 +246,7 @@ def _anchor_lists(ch: _Chunks, theta, theta_pos, segments, anchor_top, *, block_
     q_z, q_pos, q_seg = (x[:, chunk_of] for x in (ch.q_z, ch.q_pos, ch.q_seg))   # [rows, key_blocks, C]
     chosen = ((q_pos >= 0) & (q_pos <= row_pos[:, None]) & (q_seg == row_seg[..., None])
               & is_selected(q_z, q_pos, th[..., None], th_pos[..., None]))
+    anchor_top = jnp.where(row_pos < seq, anchor_top, 0)  # rows past the sequence were never emitted
     slot = jnp.arange(anchor_count, dtype=jnp.int32)
     from_buffer = ch.a_pos[:, chunk_of, :anchor_count]
     anchors = jnp.where(slot < anchor_top[..., None], from_buffer, -1)
@@ -244,21 +255,27 @@ def _anchor_lists(ch: _Chunks, theta, theta_pos, segments, anchor_top, *, block_
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size", "scan_block",
-                                             "implementation", "interpret"))
+                                             "implementation", "interpret", "with_anchors"))
 def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size, scan_block=None,
-                       implementation="xla", interpret=False) -> BlockedThresholds:
+                       implementation="xla", interpret=False, with_anchors=True) -> BlockedThresholds:
     """Thresholds of every query plus per-query-block anchors. scores float32 ``[batch, seq, kv_heads]``,
-    segments int32 ``[batch, seq]``, ``1 <= topk``, ``topk < buffer_size`` unless ``topk >= seq``.
-    ``block_size``: queries per attention block (one anchor list each); ``scan_block``: keys per chunk (one
-    lane each), a multiple of ``block_size`` (default ``default_scan_block``). ``implementation``: ``"xla"``
-    runs the lanes in plain XLA, ``"pallas_gpu"`` in the Pallas GPU kernel (``interpret=True``: interpret
-    mode)."""
+    segments int32 ``[batch, seq]``, ``topk >= 1``, ``buffer_size >= min(topk, seq)`` (raised to
+    ``topk + 1`` inside where smaller: a buffer must hold the k-th key and the next). ``block_size``: queries
+    per attention block (one anchor list each); ``scan_block``: keys per chunk (one lane each), a multiple of
+    ``block_size`` (default ``default_scan_block``). ``implementation``: ``"xla"`` or ``"pallas_gpu"`` (the
+    Pallas GPU kernels; ``interpret=True``: interpret mode). ``with_anchors=False`` leaves ``anchors`` None."""
     batch, seq, kv_heads = scores.shape
     scan_block = default_scan_block(block_size, seq) if scan_block is None else scan_block
     if scan_block % block_size:
         raise ValueError(f"scan_block: expected a multiple of block_size={block_size}, received {scan_block}")
     num_blocks = -(-seq // block_size)
     anchor_count = min(topk, seq)
+    if batch * seq * kv_heads == 0:
+        shape = (batch, seq, kv_heads)
+        return BlockedThresholds(jnp.full(shape, -jnp.inf), jnp.full(shape, -jnp.inf), jnp.full(shape, -1, jnp.int32),
+                                 jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool),
+                                 jnp.zeros((batch, kv_heads, num_blocks, anchor_count), jnp.int32)
+                                 if with_anchors else None)
     # Query block c starts at i0 = c B; its candidates are the key prefix t = i0 - window, which sits at
     # the same offset of key block c - shift for every c.
     anchor_offset = (-window) % block_size
@@ -269,30 +286,26 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
     u = jnp.where(u == 0.0, 0.0, u)
     seg = jnp.broadcast_to(segments[:, None, :], (batch, kv_heads, seq)).reshape(rows, seq)
     R = max(buffer_size, min(topk + 1, seq))
-    ch = _prepare_chunks(u, seg, topk=topk, buffer_size=R, chunk=scan_block, implementation=implementation,
-                         interpret=interpret)
-    options = dict(k=topk, buffer_size=R, chunk=scan_block, block=block_size, anchor_offset=anchor_offset)
-    if implementation == "pallas_gpu":
-        from pallas_kernels.thresholds import pallas_lanes
-
-        out = pallas_lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, interpret=interpret, **options)
-    else:
-        out = lanes.xla_lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, **options)
-    num_chunks = -(-seq // scan_block)
-    per_key = lambda x: x.reshape(rows, num_chunks * scan_block)[:, :seq]
+    backend = _backend(implementation, interpret)
+    ch = _prepare_chunks(u, seg, topk=topk, buffer_size=R, chunk=scan_block, backend=backend)
+    out = backend.lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, k=topk, buffer_size=R, chunk=scan_block,
+                        block=block_size, anchor_offset=anchor_offset)
+    per_key = lambda x: x.reshape(rows, -1)[:, :seq]
     tau, theta, theta_pos, num_fractional, exact = (per_key(x) for x in out[:5])
-    anchors = _anchor_lists(ch, theta, theta_pos, seg, out.anchor_top.reshape(rows, -1), block_size=block_size,
-                            anchor_offset=anchor_offset, anchor_count=anchor_count)
-    anchors = anchors.reshape(batch, kv_heads, -1, anchor_count)
-    anchors = jnp.concatenate([jnp.full((batch, kv_heads, shift, anchor_count), -1, jnp.int32), anchors],
-                              axis=2)[:, :, :num_blocks]
+    anchors = None
+    if with_anchors:
+        anchors = _anchor_lists(ch, theta, theta_pos, seg, out.anchor_top.reshape(rows, -1), block_size=block_size,
+                                anchor_offset=anchor_offset, anchor_count=anchor_count)
+        anchors = anchors.reshape(batch, kv_heads, -1, anchor_count)
+        anchors = jnp.concatenate([jnp.full((batch, kv_heads, shift, anchor_count), -1, jnp.int32), anchors],
+                                  axis=2)[:, :, :num_blocks]
 
     # Query i reads key prefix t = i - window, if that key exists and is in i's document.
     source = jnp.arange(seq) - window
     has_candidates = (source >= 0)[None, :] & (
         jnp.take(segments, jnp.maximum(source, 0), axis=1) == segments)  # [batch, seq]
-    first_query = has_candidates[:, ::block_size][:, None, :, None]
-    anchors = jnp.where(first_query, anchors, -1)
+    if with_anchors:
+        anchors = jnp.where(has_candidates[:, ::block_size][:, None, :, None], anchors, -1)
     empty_values = (-jnp.inf, -jnp.inf, -1, 0, True)
 
     def per_query(stat, empty):
@@ -386,8 +399,9 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
       ``tau_i`` is the SPARSEK threshold of ``u[C_i]`` with budget ``topk`` (gates are
       ``clip(u_j - tau_i, 0, 1)``); ``theta_i`` the ``topk``-th largest score of ``C_i``. Both are ``-inf``
       when ``|C_i| <= topk`` (every candidate is selected with gate 1) and ``+inf`` when ``topk = 0``.
-      Both are non-decreasing along ``seq`` within a document. Differentiable: ``d tau_i / d u_l`` is
-      ``1 / |M_i|`` on the fractional keys ``M_i``, ``d theta_i / d u_l`` is 1 on the k-th key.
+      Both are non-decreasing along ``seq`` within a document. Differentiable in reverse mode (a custom
+      VJP; ``jax.jvp`` is not supported): ``d tau_i / d u_l`` is ``1 / |M_i|`` on the fractional keys
+      ``M_i``, ``d theta_i / d u_l`` is 1 on the k-th key.
     """
     topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
     implementation = resolve_implementation(implementation)
@@ -439,7 +453,7 @@ def _differentiable_thresholds(scores, segments, options: _Options):
     th = blocked_thresholds(jnp.asarray(scores, jnp.float32), segments, topk=options.topk, window=options.window,
                             buffer_size=options.buffer_size, block_size=options.block_size,
                             scan_block=options.block_size, implementation=options.implementation,
-                            interpret=options.interpret)
+                            interpret=options.interpret, with_anchors=False)
     return th.tau, th.theta, th.theta_pos, th.num_fractional, th.exact
 
 

@@ -12,7 +12,7 @@ Masks and gates are rebuilt per (query, tile slot) from ``u``, ``tau``, ``theta`
 softmax per query. Memory and time are ``O(batch * heads * seq * (window + B + topk))``; no ``seq x seq``
 array exists in the forward or the backward pass.
 
-The backward pass is a custom VJP (SPEC §1, "Backward, worked out"): with ``P`` the softmax over the tile,
+The backward pass is a custom VJP: with ``P`` the softmax over the tile,
 ``D_i = dO_i . o_i`` as in FlashAttention, ``dS = P (g dO.v - D)``, ``dv += P g dO``; the gate gradient
 ``G_ij = P_ij dO_i.v_j`` (value gating) flows to the scores through ``g_ij = clip(u_j - tau_i, 0, 1)`` and
 the SPARSEK VJP: ``du_l = sum_i [l in M_i] G_il - sum_i [l in M_i] Gbar_i``. The first sum is accumulated
@@ -423,7 +423,7 @@ def _scatter_add(tile_values, key_pos, seq):
 
 
 def _scores_gradient(direct, gsum, th, scores, segments, cfg: _Config):
-    """``du_l = sum_i [l in M_i] G_il - sum_i [l in M_i] Gbar_i`` (SPEC §1).
+    """``du_l = sum_i [l in M_i] G_il - sum_i [l in M_i] Gbar_i`` (docs/xla_attention.md).
 
     direct: ``[b, hkv, seq]`` the first sum (gate gradients of fractional pairs, summed per key);
     gsum: ``[b, hkv, nb, B]`` per query, the gate gradients over its fractional keys (summed over the
@@ -435,7 +435,7 @@ def _scores_gradient(direct, gsum, th, scores, segments, cfg: _Config):
     num_fractional = _blocks(th.num_fractional, gsum.shape[2], cfg.block_size, 1).transpose(0, 3, 1, 2)
     gbar = (gsum / jnp.maximum(num_fractional, 1)).reshape(batch, kv_heads, -1)[:, :, :seq]
     through_tau = fractional_range_sums(gbar, jnp.moveaxis(scores.astype(jnp.float32), 2, 1),
-                                         jnp.moveaxis(th.tau, 2, 1), segments, cfg.window)
+                                        jnp.moveaxis(th.tau, 2, 1), segments, cfg.window)
     return jnp.moveaxis(direct - through_tau, 1, 2)
 
 

@@ -41,7 +41,7 @@ def topk_newest_first(u, candidates, topk):
 
 
 def sparsek_attention_np(q, k, v, u, *, topk, window, gate="value", segment_ids=None, scale=None):
-    """Loop-by-loop SparseK attention in float64 (SPEC §1)."""
+    """Loop-by-loop SparseK attention in float64."""
     q, k, v, u = (np.asarray(x, np.float64) for x in (q, k, v, u))
     batch, seq, q_heads, dim = q.shape
     kv_heads = k.shape[2]

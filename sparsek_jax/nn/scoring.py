@@ -10,7 +10,7 @@ from sparsek_jax.nn.params import param
 
 
 class ScoringNetwork(nnx.Module):
-    """``u_j = x_j · w_score + ε j`` (SPEC §1).
+    """``u_j = x_j · w_score + ε j``.
 
     ``w_score`` starts at zero, so selection starts as "the most recent keys before the window"; the
     position slope ``ε`` lets newer tokens win without the network predicting ever larger numbers.
