@@ -145,20 +145,43 @@ class _Chunks(NamedTuple):
     q_seg: jax.Array
 
 
+def doubling_scan(combine, elems, axis: int = 0):
+    """Inclusive scan of a pytree along ``axis`` by recursive doubling in a rolled loop: step ``s`` combines
+    every element with the one ``2**s`` before it. ``O(n log n)`` combines where ``lax.associative_scan``
+    does ``O(n)``, but the program does not depend on the length (``associative_scan`` unrolls its levels,
+    so every new length compiles a larger program)."""
+    leaves = jax.tree.leaves(elems)
+    length = leaves[0].shape[axis]
+
+    def step(s, xs):
+        shift = jnp.left_shift(1, s)
+        combined = combine(jax.tree.map(lambda x: jnp.roll(x, shift, axis), xs), xs)
+
+        def keep_first(c, x):  # the first 2**s elements have nothing that far before them
+            index = jnp.arange(length).reshape([length if d == axis else 1 for d in range(x.ndim)])
+            return jnp.where(index >= shift, c, x)
+
+        return jax.tree.map(keep_first, combined, xs)
+
+    return lax.fori_loop(0, max(length - 1, 0).bit_length(), step, elems)
+
+
 class _Backend(NamedTuple):
-    """The three heavy steps, in plain XLA or as Pallas GPU kernels (the same code)."""
+    """The heavy steps, in plain XLA or as Pallas GPU kernels (the same code), and the prefix scan: rolled on
+    the XLA path (CPU and TPU compile one program for every length), work-efficient with the kernels."""
 
     merge_lists: Callable
     cut_states: Callable
     lanes: Callable
+    prefix_scan: Callable
 
 
 def _backend(implementation: str, interpret: bool) -> _Backend:
     if implementation == "pallas_gpu":
         return _Backend(functools.partial(simulation.pallas_merge_lists, interpret=interpret),
                         functools.partial(simulation.pallas_cut_states, interpret=interpret),
-                        functools.partial(simulation.pallas_lanes, interpret=interpret))
-    return _Backend(_merge_lists_xla, simulation.xla_cut_states, simulation.xla_lanes)
+                        functools.partial(simulation.pallas_lanes, interpret=interpret), lax.associative_scan)
+    return _Backend(_merge_lists_xla, simulation.xla_cut_states, simulation.xla_lanes, doubling_scan)
 
 
 def default_scan_block(block_size: int, seq: int) -> int:
@@ -199,8 +222,8 @@ def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int
     chunk_change = jnp.pad(change, [(0, 0), (0, 1)]).reshape(rows, num_chunks, C)[:, :, :C - 1]
     summary = (summary_z[..., :R], summary_pos[..., :R], jnp.max(summary_z[..., R:], axis=-1, initial=-jnp.inf),
                seg[:, starts], last_seg, jnp.any(chunk_change, axis=-1))
-    inclusive = lax.associative_scan(functools.partial(_merge_summaries, merge_lists=backend.merge_lists), summary,
-                                     axis=1)
+    inclusive = backend.prefix_scan(functools.partial(_merge_summaries, merge_lists=backend.merge_lists), summary,
+                                    axis=1)
     empty = (jnp.full((rows, 1, R), -jnp.inf, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
              jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.full((rows, 1), -2, jnp.int32),
              jnp.full((rows, 1), -2, jnp.int32), jnp.zeros((rows, 1), bool))
@@ -208,7 +231,7 @@ def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int
     a_count = jnp.sum(a_pos >= 0, axis=-1, dtype=jnp.int32)
 
     # Keys of the current document before each position; where each chunk's first cut begins.
-    doc_start = lax.associative_scan(jnp.maximum, jnp.where(jnp.pad(change, [(0, 0), (1, 0)]), pos, 0), axis=1)
+    doc_start = backend.prefix_scan(jnp.maximum, jnp.where(jnp.pad(change, [(0, 0), (1, 0)]), pos, 0), axis=1)
     local = pos - doc_start                                               # [rows, padded seq]
     count0 = jnp.where(starts > 0, local[:, jnp.maximum(starts - 1, 0)] + 1, 0)
     begins = chunked(valid & (local == topk))
@@ -315,7 +338,7 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
         return jnp.moveaxis(shifted, 1, 2)
 
     tau, *rest = (per_query(s, e) for s, e in zip((tau, theta, theta_pos, num_fractional, exact), empty_values))
-    return BlockedThresholds(running_max_within_documents(tau, segments), *rest, anchors)
+    return BlockedThresholds(running_max_within_documents(tau, segments, scan=backend.prefix_scan), *rest, anchors)
 
 
 def document_index(segments):
@@ -324,7 +347,7 @@ def document_index(segments):
     return jnp.cumsum(change.astype(jnp.int32), axis=1)
 
 
-def running_max_within_documents(values, segments):
+def running_max_within_documents(values, segments, *, scan=lax.associative_scan):
     """Running maximum along ``seq`` of ``[batch, seq, heads]`` values, restarting at each document.
 
     Mathematically ``tau`` never decreases within a document; recomputing it from a different candidate
@@ -337,7 +360,7 @@ def running_max_within_documents(values, segments):
         (doc_a, val_a), (doc_b, val_b) = a, b
         return doc_b, jnp.where(doc_a == doc_b, jnp.maximum(val_a, val_b), val_b)
 
-    return lax.associative_scan(combine, (docs, values), axis=1)[1]
+    return scan(combine, (docs, values), axis=1)[1]
 
 
 def _first_index(predicate, lo, hi, num_steps):

@@ -117,3 +117,19 @@ def test_vmap_and_block_options(rng):
         sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla", block_size=0)
     with pytest.raises(ValueError, match=r"buffer_size: expected at least min\(topk, seq\)=3, received 2"):
         sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla", buffer_size=2)
+
+
+def test_program_does_not_grow_with_the_sequence():
+    # The forward+backward program depends on the length only through shapes: no unrolled loops, no
+    # per-length constants (each new length once compiled a larger program, and 512 tokens took minutes).
+    import re
+
+    def instructions(seq):
+        shapes = [(1, seq, 2, 64)] * 3 + [(1, seq, 2)]
+        loss = lambda q, k, v, u: jnp.sum(sk.sparsek_attention(q, k, v, u, topk=64, window=64, implementation="xla"))
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(
+            *(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
+        return len(re.findall(r"= \S+ [\w-]+\(", lowered.as_text(dialect="hlo")))
+
+    short, long = instructions(1024), instructions(8192)
+    assert abs(long - short) <= 8, f"HLO instructions: {short} at 1024 tokens, {long} at 8192"
