@@ -1,4 +1,5 @@
-"""Forward+backward time and compiled memory of the XLA path against the dense reference, by sequence length.
+"""Forward+backward compile time, run time and compiled memory of the XLA path against the dense reference,
+by sequence length.
 
     python -m benchmarks.xla_scaling            # seq 2k..32k, topk=256, window=256 (CPU: ~10 minutes)
 
@@ -105,8 +106,10 @@ def main(argv=None):
                   (1, seq, args.kv_heads, args.head_dim), (1, seq, args.kv_heads)]
         row = {"seq": seq}
         for impl in ("xla", "reference"):
+            start = time.perf_counter()
             compiled = compiled_program(impl, shapes, topk=args.topk, window=args.window,
                                         block_size=args.block_size)
+            row[f"{impl}_compile_s"] = time.perf_counter() - start
             mib = peak_bytes(compiled) / 2**20
             row[f"{impl}_mib"] = mib
             if mib > args.reference_budget_gib * 1024:
@@ -130,7 +133,8 @@ def main(argv=None):
              f"{args.q_heads}q/{args.kv_heads}kv heads, head_dim {args.head_dim}")
     reporting.publish(f"xla_scaling_{backend}", config, rows, plot=lambda rows, path: plot(rows, path, title),
                       columns=[
-        ("seq", "seq", "d"), ("xla_ms", "xla ms", ".0f"), ("xla_time_growth", "× per doubling", ".2f"),
+        ("seq", "seq", "d"), ("xla_compile_s", "xla compile s", ".1f"), ("xla_ms", "xla ms", ".0f"),
+        ("xla_time_growth", "× per doubling", ".2f"),
         ("xla_mib", "xla MiB", ".0f"), ("xla_memory_growth", "× per doubling", ".2f"),
         ("reference_ms", "reference ms", ".0f"), ("reference_time_growth", "× per doubling", ".2f"),
         ("reference_mib", "reference MiB", ".0f"), ("reference_memory_growth", "× per doubling", ".2f")])
