@@ -196,8 +196,8 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
     theta = jnp.where(from_a, _pick(a_z, jnp.minimum(i_star, R - 1)), _pick(q_z, jnp.minimum(j_vis, C - 1)))
     theta_pos = jnp.where(from_a, _pick(a_pos, jnp.minimum(i_star, R - 1)), _pick(q_pos, jnp.minimum(j_vis, C - 1)))
 
-    # tau: f(b) = sum_V clip(z - b, 0, 1), decided against k on exact grids.
-    def f_above_k(b):  # b [P] -> bool [P]
+    # tau: f(b) = sum_V clip(z - b, 0, 1), compared with k on exact grids.
+    def f_minus_k(b):  # b [P] -> [P], with the sign (and zero) of f(b) - k exact
         ta = jnp.clip(a_z[None, :] - b[:, None], 0.0, 1.0)
         tq = jnp.clip(q_z[None, :] - b[:, None], 0.0, 1.0)
         ones = (jnp.sum(a_valid[None, :] & (ta == 1.0), axis=1, dtype=jnp.int32)
@@ -207,7 +207,9 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
         ha, ma, la = _split_sums(ta, frac_a)
         hq, mq, lq = _split_sums(tq, frac_q)
         excess = ((ha + hq) - (k - ones).astype(jnp.float32)) + (ma + mq)
-        return excess + (la + lq) > 0.0
+        return excess + (la + lq)
+
+    f_above_k = lambda b: f_minus_k(b) > 0.0
 
     # Four descending lists of breakpoints (z and z - 1 of A and of Q), searched side by side. Invalid
     # entries are set to the lowest value, where f > k holds anyway, so they never move a search.
@@ -240,13 +242,15 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
 
     n_upper, n_mid, hi, lo = partition(start)
     root = c0 + ((n_upper - k).astype(jnp.float32) + hi + lo) / jnp.maximum(n_mid, 1).astype(jnp.float32)
-    # A root at or past the next visible breakpoint is that breakpoint (rounding, or f = k there): a lane
-    # lands on breakpoints exactly, and tau must agree with the fractional count taken at it.
+    # Where f = k at the next visible breakpoint the root is that breakpoint exactly (a lane lands on it, and
+    # the fractional count must be taken at it), whatever the rounded closed form says; so is a root that
+    # rounded past it.
     above = lambda z, valid: jnp.min(jnp.where(valid & (z > start), z, jnp.inf))
     upper_above = lambda z, valid: jnp.min(jnp.where(valid & (z - 1.0 > start), z - 1.0, jnp.inf))
     next_point = jnp.minimum(jnp.minimum(above(a_z, a_valid), upper_above(a_z, a_valid)),
                              jnp.minimum(above(q_z, q_vis), upper_above(q_z, q_vis)))
-    tau = jnp.where(root >= next_point, next_point, jnp.maximum(root, start))
+    on_next = (f_minus_k(jnp.broadcast_to(next_point, (1,))) == 0.0) | (root >= next_point)
+    tau = jnp.where(on_next, next_point, jnp.maximum(root, start))
     n_upper, n_mid, hi, lo = partition(tau)
     count = lambda mask: jnp.sum(mask, dtype=jnp.int32)
     above_theta = lambda z, p: (z > theta) | ((z == theta) & (p >= theta_pos))
@@ -283,6 +287,15 @@ def initial_state(info: LaneInfo, chunk_cut: Cut, *, k: int) -> State:
                  q_adjust=zero, frac_done=~is_cut)
 
 
+def _restart_sum_if_empty(c: Cut, entering, z) -> Cut:
+    """Where a key of score ``z`` is about to enter an empty M, restart the sum centred on it: the old centre
+    can be far away after tau has jumped (past a masked-looking score), and ``z - c0`` would round."""
+    fresh = entering & (c.n_mid == 0)
+    zero = jnp.zeros_like(c.sum_hi)
+    return c._replace(c0=jnp.where(fresh, jnp.floor(z), c.c0), sum_hi=jnp.where(fresh, zero, c.sum_hi),
+                      sum_lo=jnp.where(fresh, zero, c.sum_lo))
+
+
 def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int, q_len: int):
     """One event of every lane (all fields ``[lanes]``). Returns ``(state, emit)``; ``emit`` marks lanes that
     finished position ``t`` (the state's ``t`` has then moved on; ``emitted_values`` reads what to write).
@@ -301,8 +314,8 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
 
     # Loads, all at the incoming pointers.
     x, x_seg = read.key("z", offset), read.key("seg", offset)
-    az_mid, az_up = read.a("z", incoming.a_above - 1), read.a("z", incoming.a_upper - 1)
-    q_mid_z, q_mid_pos, q_mid_seg = (read.q(f, incoming.q_above - 1) for f in ("z", "pos", "seg"))
+    az_above, az_up = read.a("z", incoming.a_above - 1), read.a("z", incoming.a_upper - 1)
+    q_above_z, q_above_pos, q_above_seg = (read.q(f, incoming.q_above - 1) for f in ("z", "pos", "seg"))
     q_up_z, q_up_pos, q_up_seg = (read.q(f, incoming.q_upper - 1) for f in ("z", "pos", "seg"))
     fa_index = jnp.where(s.ready | ~s.tau_done, incoming.a_upper, s.a_frac)
     fq_index = jnp.where(s.ready | ~s.tau_done, incoming.q_upper, s.q_frac)
@@ -341,6 +354,7 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     upper = joins & (x - 1.0 > c.tau)
     mid = joins & ~upper & (x > c.tau)
     moved = upper | mid
+    c = _restart_sum_if_empty(c, mid, x)
     hi, lo = two_sum(c.sum_hi, c.sum_lo, jnp.where(mid, x - c.c0, 0.0))
     c = c._replace(n_upper=c.n_upper + upper, n_mid=c.n_mid + mid, sum_hi=hi, sum_lo=lo)
     enters_top = joins & (x >= c.theta)
@@ -359,9 +373,9 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     # --- tau: settle on the current piece, or cross one breakpoint --------------------------------------------
     in_tau = working & ~tau_done
     inf = jnp.inf
-    cand_am = jnp.where(a_vis & (c.a_above > c.a_upper), az_mid, inf)
+    cand_am = jnp.where(a_vis & (c.a_above > c.a_upper), az_above, inf)
     cand_au = jnp.where(a_vis & (c.a_upper > 0), az_up - 1.0, inf)
-    cand_qm = jnp.where(c.q_above > c.q_upper, q_mid_z, inf)
+    cand_qm = jnp.where(c.q_above > c.q_upper, q_above_z, inf)
     cand_qu = jnp.where(c.q_upper > 0, q_up_z - 1.0, inf)
     nb = jnp.minimum(jnp.minimum(cand_am, cand_au), jnp.minimum(cand_qm, cand_qu))
     numerator = ((c.n_upper - k).astype(jnp.float32) + c.sum_hi) + c.sum_lo
@@ -376,10 +390,11 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     e_au = cross & ~e_am & (cand_au == nb)
     e_qm = cross & ~e_am & ~e_au & (cand_qm == nb)
     e_qu = cross & ~e_am & ~e_au & ~e_qm
-    qm_counts = e_qm & visible(q_mid_pos, q_mid_seg)
+    qm_counts = e_qm & visible(q_above_pos, q_above_seg)
     qu_counts = e_qu & visible(q_up_pos, q_up_seg)
-    delta = jnp.where(e_am, c.c0 - az_mid, jnp.where(e_au, az_up - c.c0, jnp.where(
-        qm_counts, c.c0 - q_mid_z, jnp.where(qu_counts, q_up_z - c.c0, 0.0))))
+    c = _restart_sum_if_empty(c, e_au | qu_counts, jnp.where(e_au, az_up, q_up_z))
+    delta = jnp.where(e_am, c.c0 - az_above, jnp.where(e_au, az_up - c.c0, jnp.where(
+        qm_counts, c.c0 - q_above_z, jnp.where(qu_counts, q_up_z - c.c0, 0.0))))
     hi, lo = two_sum(c.sum_hi, c.sum_lo, delta)
     tau = jnp.where(settle & on_piece, jnp.maximum(root, c.tau), jnp.where(cross, nb, c.tau))
     c = c._replace(tau=tau, sum_hi=hi, sum_lo=lo, n_upper=c.n_upper - e_au - qu_counts,

@@ -424,7 +424,8 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
       when ``|C_i| <= topk`` (every candidate is selected with gate 1) and ``+inf`` when ``topk = 0``.
       Both are non-decreasing along ``seq`` within a document. Differentiable in reverse mode (a custom
       VJP; ``jax.jvp`` is not supported): ``d tau_i / d u_l`` is ``1 / |M_i|`` on the fractional keys
-      ``M_i``, ``d theta_i / d u_l`` is 1 on the k-th key.
+      ``M_i`` (0 where ``M_i`` is empty: ``tau_i`` then sits on a flat piece of ``f``, at the ``topk + 1``-th
+      score, and no gate moves with it), ``d theta_i / d u_l`` is 1 on the k-th key.
     """
     topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
     implementation = resolve_implementation(implementation)
