@@ -250,7 +250,9 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
     next_point = jnp.minimum(jnp.minimum(above(a_z, a_valid), upper_above(a_z, a_valid)),
                              jnp.minimum(above(q_z, q_vis), upper_above(q_z, q_vis)))
     on_next = (f_minus_k(jnp.broadcast_to(next_point, (1,))) == 0.0) | (root >= next_point)
-    tau = jnp.where(on_next, next_point, jnp.maximum(root, start))
+    # No fractional key after start: f is flat there and start is its left end, the smallest valid tau (only
+    # reached when z - 1 rounds to z, at scores beyond 2**24, so that no breakpoint has f > k).
+    tau = jnp.where(n_mid == 0, start, jnp.where(on_next, next_point, jnp.maximum(root, start)))
     n_upper, n_mid, hi, lo = partition(tau)
     count = lambda mask: jnp.sum(mask, dtype=jnp.int32)
     above_theta = lambda z, p: (z > theta) | ((z == theta) & (p >= theta_pos))
