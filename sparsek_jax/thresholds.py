@@ -205,44 +205,49 @@ def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int
     seg = jnp.pad(segments, [(0, 0), (0, pad)], constant_values=-1)
     pos = jnp.where(valid, pos, -1)
     chunked = lambda x: x.reshape(rows, num_chunks, C)
-    q_z, q_pos = _sorted_desc(chunked(z), chunked(pos))
     starts = jnp.arange(num_chunks, dtype=jnp.int32) * C
-    q_seg = jnp.where(q_pos >= 0, jnp.take_along_axis(chunked(seg), jnp.maximum(q_pos - starts[:, None], 0), axis=2), -1)
+    with jax.named_scope("sort_chunks"):
+        q_z, q_pos = _sorted_desc(chunked(z), chunked(pos))
+        q_seg = jnp.where(q_pos >= 0, jnp.take_along_axis(chunked(seg), jnp.maximum(q_pos - starts[:, None], 0),
+                                                          axis=2), -1)
 
     # Per-chunk summaries: the top R keys of the chunk's last document, then an exclusive scan.
-    last = jnp.minimum(starts + C, seq) - 1
-    last_seg = seg[:, last]                                             # [rows, chunks]
-    in_last = (q_pos >= 0) & (q_seg == last_seg[..., None])
-    width = max(R, C)
-    dest = jnp.where(in_last, jnp.cumsum(in_last, axis=2) - 1, width)
-    place = lambda x, fill: jax.vmap(jax.vmap(lambda v, d: jnp.full((width,), fill, x.dtype).at[d].set(
-        v, mode="drop")))(x, dest)
-    summary_z, summary_pos = place(q_z, -jnp.inf), place(q_pos, -1)
-    change = (seg[:, 1:] != seg[:, :-1]) & valid[:, 1:]
-    chunk_change = jnp.pad(change, [(0, 0), (0, 1)]).reshape(rows, num_chunks, C)[:, :, :C - 1]
-    summary = (summary_z[..., :R], summary_pos[..., :R], jnp.max(summary_z[..., R:], axis=-1, initial=-jnp.inf),
-               seg[:, starts], last_seg, jnp.any(chunk_change, axis=-1))
-    inclusive = backend.prefix_scan(functools.partial(_merge_summaries, merge_lists=backend.merge_lists), summary,
-                                    axis=1)
-    empty = (jnp.full((rows, 1, R), -jnp.inf, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
-             jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.full((rows, 1), -2, jnp.int32),
-             jnp.full((rows, 1), -2, jnp.int32), jnp.zeros((rows, 1), bool))
-    a_z, a_pos, a_dropped, _, a_doc, _ = (jnp.concatenate([e, x[:, :-1]], axis=1) for e, x in zip(empty, inclusive))
-    a_count = jnp.sum(a_pos >= 0, axis=-1, dtype=jnp.int32)
+    with jax.named_scope("start_buffers"):
+        last = jnp.minimum(starts + C, seq) - 1
+        last_seg = seg[:, last]                                             # [rows, chunks]
+        in_last = (q_pos >= 0) & (q_seg == last_seg[..., None])
+        width = max(R, C)
+        dest = jnp.where(in_last, jnp.cumsum(in_last, axis=2) - 1, width)
+        place = lambda x, fill: jax.vmap(jax.vmap(lambda v, d: jnp.full((width,), fill, x.dtype).at[d].set(
+            v, mode="drop")))(x, dest)
+        summary_z, summary_pos = place(q_z, -jnp.inf), place(q_pos, -1)
+        change = (seg[:, 1:] != seg[:, :-1]) & valid[:, 1:]
+        chunk_change = jnp.pad(change, [(0, 0), (0, 1)]).reshape(rows, num_chunks, C)[:, :, :C - 1]
+        summary = (summary_z[..., :R], summary_pos[..., :R], jnp.max(summary_z[..., R:], axis=-1, initial=-jnp.inf),
+                   seg[:, starts], last_seg, jnp.any(chunk_change, axis=-1))
+        inclusive = backend.prefix_scan(functools.partial(_merge_summaries, merge_lists=backend.merge_lists), summary,
+                                        axis=1)
+        empty = (jnp.full((rows, 1, R), -jnp.inf, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
+                 jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.full((rows, 1), -2, jnp.int32),
+                 jnp.full((rows, 1), -2, jnp.int32), jnp.zeros((rows, 1), bool))
+        a_z, a_pos, a_dropped, _, a_doc, _ = (jnp.concatenate([e, x[:, :-1]], axis=1) for e, x in zip(empty, inclusive))
+        a_count = jnp.sum(a_pos >= 0, axis=-1, dtype=jnp.int32)
 
     # Keys of the current document before each position; where each chunk's first cut begins.
-    doc_start = backend.prefix_scan(jnp.maximum, jnp.where(jnp.pad(change, [(0, 0), (1, 0)]), pos, 0), axis=1)
-    local = pos - doc_start                                               # [rows, padded seq]
-    count0 = jnp.where(starts > 0, local[:, jnp.maximum(starts - 1, 0)] + 1, 0)
-    begins = chunked(valid & (local == topk))
-    cut_pos = jnp.where(jnp.any(begins, axis=2), starts + jnp.argmax(begins, axis=2).astype(jnp.int32), -1)
+    with jax.named_scope("document_counts"):
+        doc_start = backend.prefix_scan(jnp.maximum, jnp.where(jnp.pad(change, [(0, 0), (1, 0)]), pos, 0), axis=1)
+        local = pos - doc_start                                               # [rows, padded seq]
+        count0 = jnp.where(starts > 0, local[:, jnp.maximum(starts - 1, 0)] + 1, 0)
+        begins = chunked(valid & (local == topk))
+        cut_pos = jnp.where(jnp.any(begins, axis=2), starts + jnp.argmax(begins, axis=2).astype(jnp.int32), -1)
 
     # The cut state at each chunk's start and at its first cut.
-    cut_doc = jnp.take_along_axis(seg, jnp.maximum(cut_pos, 0), axis=1)
-    scalars = jnp.stack([a_count, a_doc, cut_pos, cut_doc], axis=-1).reshape(rows * num_chunks, 4)
-    lists_of_chunks = (x.reshape((rows * num_chunks,) + x.shape[2:]) for x in (a_z, a_pos, q_z, q_pos, q_seg))
-    states = backend.cut_states(*lists_of_chunks, scalars, k=topk)
-    chunk_cut, start_cut = (jax.tree.map(lambda x: x.reshape(rows, num_chunks), s) for s in states)
+    with jax.named_scope("cut_states"):
+        cut_doc = jnp.take_along_axis(seg, jnp.maximum(cut_pos, 0), axis=1)
+        scalars = jnp.stack([a_count, a_doc, cut_pos, cut_doc], axis=-1).reshape(rows * num_chunks, 4)
+        lists_of_chunks = (x.reshape((rows * num_chunks,) + x.shape[2:]) for x in (a_z, a_pos, q_z, q_pos, q_seg))
+        states = backend.cut_states(*lists_of_chunks, scalars, k=topk)
+        chunk_cut, start_cut = (jax.tree.map(lambda x: x.reshape(rows, num_chunks), s) for s in states)
 
     flat = lambda x: x.reshape(-1)
     lists = simulation.Lists(flat(a_z), flat(a_pos), flat(q_z), flat(q_pos), flat(q_seg), flat(z), flat(seg))
@@ -311,17 +316,19 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
     R = max(buffer_size, min(topk + 1, seq))
     backend = _backend(implementation, interpret)
     ch = _prepare_chunks(u, seg, topk=topk, buffer_size=R, chunk=scan_block, backend=backend)
-    out = backend.lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, k=topk, buffer_size=R, chunk=scan_block,
-                        block=block_size, anchor_offset=anchor_offset)
+    with jax.named_scope("lanes"):
+        out = backend.lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, k=topk, buffer_size=R, chunk=scan_block,
+                            block=block_size, anchor_offset=anchor_offset)
     per_key = lambda x: x.reshape(rows, -1)[:, :seq]
     tau, theta, theta_pos, num_fractional, exact = (per_key(x) for x in out[:5])
     anchors = None
     if with_anchors:
-        anchors = _anchor_lists(ch, theta, theta_pos, seg, out.anchor_top.reshape(rows, -1), block_size=block_size,
-                                anchor_offset=anchor_offset, anchor_count=anchor_count)
-        anchors = anchors.reshape(batch, kv_heads, -1, anchor_count)
-        anchors = jnp.concatenate([jnp.full((batch, kv_heads, shift, anchor_count), -1, jnp.int32), anchors],
-                                  axis=2)[:, :, :num_blocks]
+        with jax.named_scope("anchor_lists"):
+            anchors = _anchor_lists(ch, theta, theta_pos, seg, out.anchor_top.reshape(rows, -1),
+                                    block_size=block_size, anchor_offset=anchor_offset, anchor_count=anchor_count)
+            anchors = anchors.reshape(batch, kv_heads, -1, anchor_count)
+            anchors = jnp.concatenate([jnp.full((batch, kv_heads, shift, anchor_count), -1, jnp.int32), anchors],
+                                      axis=2)[:, :, :num_blocks]
 
     # Query i reads key prefix t = i - window, if that key exists and is in i's document.
     source = jnp.arange(seq) - window
@@ -337,8 +344,10 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
         shifted = jnp.where(has_candidates[:, None, :], shifted, jnp.asarray(empty, shifted.dtype))
         return jnp.moveaxis(shifted, 1, 2)
 
-    tau, *rest = (per_query(s, e) for s, e in zip((tau, theta, theta_pos, num_fractional, exact), empty_values))
-    return BlockedThresholds(running_max_within_documents(tau, segments, scan=backend.prefix_scan), *rest, anchors)
+    with jax.named_scope("shift_to_queries"):
+        tau, *rest = (per_query(s, e) for s, e in zip((tau, theta, theta_pos, num_fractional, exact), empty_values))
+        tau = running_max_within_documents(tau, segments, scan=backend.prefix_scan)
+    return BlockedThresholds(tau, *rest, anchors)
 
 
 def document_index(segments):
