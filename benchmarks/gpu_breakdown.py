@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import sparsek_jax as sk
 from benchmarks import reporting
 from benchmarks.gpu_attention import make_inputs, time_ms
-from pallas_kernels import thresholds as lanes
+from sparsek_kernels import thresholds as lanes
 from sparsek_jax import thresholds
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MASK_VALUE, logits, pattern, score_gradients
+from sparsek_kernels.common import MASK_VALUE, logits, pattern, score_gradients
 
 class _Rows(NamedTuple):
     """Per-row inputs of one query tile (loaded from refs)."""

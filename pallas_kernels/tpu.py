@@ -1,6 +1,6 @@
 """Pallas TPU (Mosaic) kernels: SparseK attention forward and backward.
 
-Same tiles and math as the GPU kernels (``pallas_kernels.common``): for a run of queries starting at ``i0``
+Same tiles and math as the GPU kernels (``sparsek_kernels.common``): for a run of queries starting at ``i0``
 every key is a contiguous key in ``(i0 - window, i0 + run - 1]`` or an anchor (a key selected by the run's
 first query). What differs is how keys reach the core, because TPUs move data as tile-aligned blocks
 (8 x 128) and Mosaic has no per-row gather inside a kernel:
@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import MASK_VALUE, logits, pattern, score_gradients
+from sparsek_kernels.common import MASK_VALUE, logits, pattern, score_gradients
 
 
 def contiguous_blocks(window: int, run: int, block_k: int) -> int:

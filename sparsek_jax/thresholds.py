@@ -16,7 +16,7 @@ Structure used:
 
 The keys are cut into chunks; every chunk's buffer (the top R keys before it, in its document) comes from an
 associative scan of per-chunk summaries, merged by counting ranks. Then one lane per chunk replays the chunk
-key by key as an event simulation (``pallas_kernels.thresholds``): counts of the keys with gate 1 and with a
+key by key as an event simulation (``sparsek_kernels.thresholds``): counts of the keys with gate 1 and with a
 fractional gate, a float-float sum of the latter, pointers into the sorted buffer and the sorted chunk.
 Memory is ``O(n R / C)`` per row of scores, time ``O(n log R)`` plus ``O(C)`` events per chunk. The XLA path
 and the Pallas GPU kernels run the same code (docs/operator.md, docs/kernels.md).
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import thresholds as simulation
+from sparsek_kernels import thresholds as simulation
 from sparsek_jax import validation
 
 __all__ = ["ThresholdInfo", "prefix_thresholds", "default_buffer_size", "is_selected"]

@@ -184,7 +184,7 @@ def _forward(q, k, v, scores, segments, cfg: _Config):
 
 
 class _KernelLayout(NamedTuple):
-    """The arrays of ``pallas_kernels.gpu`` (see ``sparsek_forward``): padded keys, anchors and per-row data."""
+    """The arrays of ``sparsek_kernels.gpu`` (see ``sparsek_forward``): padded keys, anchors and per-row data."""
 
     k: jax.Array
     v: jax.Array
@@ -276,9 +276,9 @@ def _kernel_options(cfg: _Config, seq):
 
 
 def _pallas_forward(q, k, v, scores, segments, th, cfg: _Config):
-    """Runs ``pallas_kernels.gpu.sparsek_forward``; returns the output and log-sum-exp in the blocked layout
+    """Runs ``sparsek_kernels.gpu.sparsek_forward``; returns the output and log-sum-exp in the blocked layout
     ``[b, hkv, nb, B, G, (d)]`` of the XLA path."""
-    from pallas_kernels.gpu import sparsek_forward
+    from sparsek_kernels.gpu import sparsek_forward
 
     seq, kv_heads = q.shape[1], k.shape[2]
     group = q.shape[2] // kv_heads
@@ -318,7 +318,7 @@ def _sum_backward(dq, gsum, partials, contiguous_start, group_anchors, th, score
 
 def _pallas_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
     """dq, dk, dv and the scores' gradient from the two GPU backward kernels (docs/kernels.md)."""
-    from pallas_kernels.gpu import sparsek_backward_keys, sparsek_backward_queries
+    from sparsek_kernels.gpu import sparsek_backward_keys, sparsek_backward_queries
 
     seq, kv_heads = q.shape[1], k.shape[2]
     group = q.shape[2] // kv_heads
@@ -336,8 +336,8 @@ def _pallas_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Confi
 
 
 def _tpu_layout(q, k, v, scores, segments, th, cfg: _Config):
-    """Arrays of ``pallas_kernels.tpu``: aligned padded keys, per-block gathered anchors, per-row columns."""
-    from pallas_kernels import tpu
+    """Arrays of ``sparsek_kernels.tpu``: aligned padded keys, per-block gathered anchors, per-row columns."""
+    from sparsek_kernels import tpu
 
     seq, kv_heads = q.shape[1], k.shape[2]
     group = q.shape[2] // kv_heads
@@ -367,7 +367,7 @@ def _tpu_layout(q, k, v, scores, segments, th, cfg: _Config):
 
 
 def _tpu_forward(q, k, v, scores, segments, th, cfg: _Config):
-    from pallas_kernels.tpu import sparsek_forward
+    from sparsek_kernels.tpu import sparsek_forward
 
     ts, group, shared, anchor_arrays, anchors, rows, options = _tpu_layout(q, k, v, scores, segments, th, cfg)
     out, lse = sparsek_forward(_to_tiles(q, ts, cfg, k.shape[2]), *shared, *anchor_arrays(anchors), *rows,
@@ -378,7 +378,7 @@ def _tpu_forward(q, k, v, scores, segments, th, cfg: _Config):
 
 def _tpu_backward(q, k, v, scores, segments, out, lse, th, d_out, cfg: _Config):
     """dq, dk, dv and the scores' gradient from the two TPU backward kernels (docs/kernels.md)."""
-    from pallas_kernels import tpu
+    from sparsek_kernels import tpu
 
     kv_heads = k.shape[2]
     ts, group, shared, anchor_arrays, anchors, rows, options = _tpu_layout(q, k, v, scores, segments, th, cfg)

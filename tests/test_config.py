@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, DataConfig, RunConfig, dump_config, load_config
+from sparsek_train.config import ConfigError, DataConfig, RunConfig, dump_config, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -178,12 +178,12 @@ def test_bad_sources(tmp_path):
 def test_prepare_command(text_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"data:\n  dataset: text_files\n  source_path: {text_dir}\n  vocab_size: 300\n")
-    result = subprocess.run([sys.executable, "-m", "train.data_cli", "prepare", str(config),
+    result = subprocess.run([sys.executable, "-m", "sparsek_train.data_cli", "prepare", str(config),
                              f"data.data_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "validation" in result.stdout and ">=32k" in result.stdout
     assert "skipped (not valid UTF-8): 2" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "train.data_cli", "prepare", str(config), "data.vocab_sise=3"],
+    bad = subprocess.run([sys.executable, "-m", "sparsek_train.data_cli", "prepare", str(config), "data.vocab_sise=3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "data.vocab_sise: unknown key" in bad.stderr
 

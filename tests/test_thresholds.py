@@ -244,7 +244,7 @@ def test_pallas_kernels_match_xla_exactly(rng, seq, heads, topk, window, ties, s
 
 def test_merge_kernel_matches_xla(rng):
     # The scan's combine: top R of two sorted lists (b newer: it wins ties), or b alone across a document start.
-    from pallas_kernels.thresholds import pallas_merge_lists
+    from sparsek_kernels.thresholds import pallas_merge_lists
     from sparsek_jax.thresholds import _merge_lists_xla, _sorted_desc
     pairs, R = 6, 12
 

@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from sparsek_jax.nn import TransformerLM
-from train.config import load_config
-from train.trainer import train
+from sparsek_train.config import load_config
+from sparsek_train.trainer import sparsek_train
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -75,7 +75,7 @@ def test_train_checkpoint_resume_eval(corpus, tmp_path):
     assert train(more, log=lambda m: None, show_progress=False)["step"] == 5
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
     # Evaluate the checkpoint: JSON by position bucket, beyond the training context.
-    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(ROOT / "configs/demo.yaml"),
+    result = subprocess.run([sys.executable, "-m", "sparsek_train.evaluate", str(ROOT / "configs/demo.yaml"),
                              *run_overrides(corpus, data_dir, run_dir), f"checkpoint={run_dir}",
                              "eval.lengths=[32, 64]", "eval.batch_size=2"], capture_output=True, text=True,
                             timeout=600, cwd=ROOT)
@@ -87,13 +87,13 @@ def test_train_checkpoint_resume_eval(corpus, tmp_path):
         assert r["tokens"] > 0 and r["bits_per_byte"] > 0 and np.isfinite(r["perplexity"])
         assert sum(b["tokens"] for b in r["buckets"]) == r["tokens"]
     assert "(beyond training context)" in result.stdout
-    generated = subprocess.run([sys.executable, "-m", "train.generate_cli", str(ROOT / "configs/demo.yaml"),
+    generated = subprocess.run([sys.executable, "-m", "sparsek_train.generate_cli", str(ROOT / "configs/demo.yaml"),
                                 *run_overrides(corpus, data_dir, run_dir), f"checkpoint={run_dir}",
                                 "prompt=the state of", "generate.max_new_tokens=8"], capture_output=True, text=True,
                                timeout=600, cwd=ROOT)
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.startswith("the state of")
-    plotted = subprocess.run([sys.executable, "-m", "train.plot", str(run_dir)], capture_output=True, text=True,
+    plotted = subprocess.run([sys.executable, "-m", "sparsek_train.plot", str(run_dir)], capture_output=True, text=True,
                              timeout=120, cwd=ROOT)
     assert plotted.returncode == 0 and (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -119,9 +119,9 @@ import json, sys
 import jax
 from jax.sharding import PartitionSpec as P
 from sparsek_jax import data
-from train import app
-from train.config import load_config
-from train.trainer import make_train_step
+from sparsek_train import app
+from sparsek_train.config import load_config
+from sparsek_train.trainer import make_train_step
 config = load_config(sys.argv[1], sys.argv[2:])
 session = app.build_session(config, with_optimizer=True, log=lambda m: None)
 attention = session.model.blocks[0].attention
@@ -166,7 +166,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
     run_dir = tmp_path / "run"
     overrides = run_overrides(corpus, tmp_path / "data", run_dir, **{"train.steps": 100000,
                                                                     "train.checkpoint_every": 100000})
-    process = subprocess.Popen([sys.executable, "-m", "train.trainer", str(ROOT / "configs/demo.yaml"), *overrides],
+    process = subprocess.Popen([sys.executable, "-m", "sparsek_train.trainer", str(ROOT / "configs/demo.yaml"), *overrides],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
@@ -187,7 +187,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
 def test_bad_config_exits_with_status_2_naming_the_key():
     for argv, key in ((["train.stepz=3"], "train.stepz: unknown key"),
                       (["train.steps=many"], "train.steps: expected int, received 'many'")):
-        result = subprocess.run([sys.executable, "-m", "train.trainer", str(ROOT / "configs/demo.yaml"), *argv],
+        result = subprocess.run([sys.executable, "-m", "sparsek_train.trainer", str(ROOT / "configs/demo.yaml"), *argv],
                                 capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert result.returncode == 2
         assert key in result.stderr

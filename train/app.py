@@ -12,9 +12,9 @@ import jax
 import optax
 from flax import nnx
 
-from train.checkpointing import RunCheckpoints, resolve_checkpoint
-from train.config import ConfigError, RunConfig, load_config
-from train.sharding import batch_sharding, create_sharded, make_mesh
+from sparsek_train.checkpointing import RunCheckpoints, resolve_checkpoint
+from sparsek_train.config import ConfigError, RunConfig, load_config
+from sparsek_train.sharding import batch_sharding, create_sharded, make_mesh
 
 
 def parse_config(prog: str, description: str, argv=None) -> tuple[RunConfig | None, int]:

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from train.config import ConfigError, load_config
+from sparsek_train.config import ConfigError, load_config
 
 
 def main(argv=None) -> int:

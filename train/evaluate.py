@@ -90,7 +90,7 @@ def format_table(results: list[dict], train_seq_len: int) -> str:
 
 
 def main(argv=None) -> int:
-    from train import app
+    from sparsek_train import app
 
     config, code = app.parse_config("sparsek-eval", __doc__, argv)
     if config is None:

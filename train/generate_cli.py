@@ -9,7 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from train import app
+from sparsek_train import app
 
 
 def main(argv=None) -> int:

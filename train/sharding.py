@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from train.config import ConfigError, MeshConfig
+from sparsek_train.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -20,11 +20,11 @@ import optax
 from flax import nnx
 
 from sparsek_jax import data
-from train import app
-from train.checkpointing import RunCheckpoints
-from train.config import ConfigError, RunConfig, dump_config
-from train.evaluate import evaluate, make_eval_step
-from train.metrics import MetricsWriter, Progress, peak_flops, training_flops_per_token
+from sparsek_train import app
+from sparsek_train.checkpointing import RunCheckpoints
+from sparsek_train.config import ConfigError, RunConfig, dump_config
+from sparsek_train.evaluate import evaluate, make_eval_step
+from sparsek_train.metrics import MetricsWriter, Progress, peak_flops, training_flops_per_token
 
 
 def next_token_loss(model, batch):
