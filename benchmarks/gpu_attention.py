@@ -44,8 +44,8 @@ def time_ms(fn, *args, repeats=10):
     return statistics.median(times)
 
 
-def make_inputs(seq, q_heads, kv_heads, head_dim, seed=0):
-    batch = max(TOKENS // seq, 1)
+def make_inputs(seq, q_heads, kv_heads, head_dim, seed=0, tokens=None):
+    batch = max((tokens or TOKENS) // seq, 1)
     keys = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(keys[0], (batch, seq, q_heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), jnp.bfloat16)

@@ -2,8 +2,9 @@
 
     python -m benchmarks.gpu_kernel_tuning --seq 65536 --variants 64,64,8 64,32,8 128,64,4
 
-A variant is ``block_size,block_k,blocks_per_group`` (queries per tile, keys per kernel step, query blocks per
-super-block of the key-major backward). bf16, 12 heads, head_dim 64, batch x seq = 65,536, topk = window =
+A variant is ``block_q,block_k,blocks_per_group[,num_warps,num_stages]`` (the fields of ``sk.BlockSizes``:
+queries per tile, keys per kernel step, query blocks per super-block of the key-major backward, Triton launch
+parameters; left out: the defaults). bf16, 12 heads, head_dim 64, batch x seq = 65,536, topk = window =
 1024, median of 5, everything included. Writes benchmarks/results/gpu_kernel_tuning.json.
 """
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from benchmarks import reporting
 from benchmarks.gpu_attention import make_inputs, time_ms
-from sparsek_jax.xla_attention import xla_sparsek_attention
+import sparsek_jax as sk
 
 
 def main(argv=None):
@@ -29,10 +30,10 @@ def main(argv=None):
     q, k, v, u = make_inputs(args.seq, 12, 12, 64)
     rows = []
     for variant in args.variants:
-        block_size, block_k, blocks_per_group = (int(x) for x in variant.split(","))
-        f = lambda q, k, v, u: xla_sparsek_attention(
-            q, k, v, u, topk=args.topk, window=args.window, gate="value", scale=0.125, block_size=block_size,
-            path="pallas_gpu", block_k=block_k, blocks_per_group=blocks_per_group)
+        fields = ("block_q", "block_k", "blocks_per_group", "num_warps", "num_stages")
+        blocks = sk.BlockSizes(**dict(zip(fields, (int(x) for x in variant.split(",")))))
+        f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=args.topk, window=args.window,
+                                                    implementation="pallas_gpu", block_sizes=blocks)
         row = {"variant": variant, "seq": args.seq}
         row["fwd_ms"] = time_ms(jax.jit(f), q, k, v, u, repeats=5)
         both = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3)))

@@ -25,7 +25,7 @@ from benchmarks import reporting
 def compiled_program(implementation, shapes, *, topk, window, block_size):
     def loss(q, k, v, u):
         out = sk.sparsek_attention(q, k, v, u, topk=topk, window=window, implementation=implementation,
-                                   block_size=block_size)
+                                   block_sizes=sk.BlockSizes(block_q=block_size))
         return jnp.sum(out.astype(jnp.float32))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))

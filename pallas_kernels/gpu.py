@@ -35,10 +35,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sparsek_kernels import layout
 from sparsek_kernels.common import MASK_VALUE, logits, pattern, score_gradients
 
 class _Rows(NamedTuple):
-    """Per-row inputs of one query tile (loaded from refs)."""
+    """Per-row inputs of one query tile (loaded from refs, ``[rows, 1]`` each)."""
 
     pos: jax.Array
     seg: jax.Array
@@ -55,10 +56,8 @@ def _walk_tile(carry, update, refs, rows: _Rows, *, c, window, block_q, block_k,
 
     def chunk_of(j, valid, load):
         k, v, u_j, seg_j = load
-        col = lambda x: x[:, None]
-        allowed, gates, fractional = pattern(col(rows.pos), col(rows.seg), col(rows.tau), col(rows.theta),
-                                             col(rows.theta_pos), j[None, :], u_j[None, :], seg_j[None, :],
-                                             valid[None, :], window=window, seq=seq)
+        allowed, gates, fractional = pattern(*rows, j[None, :], u_j[None, :], seg_j[None, :], valid[None, :],
+                                             window=window, seq=seq)
         return k, v, allowed, gates, fractional
 
     def contiguous(t, carry):
@@ -105,7 +104,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos_ref, 
                                        seq=seq, num_anchors=num_anchors)
     has_keys = row_sum > 0
     o_ref[...] = (acc / jnp.where(has_keys, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)), 0.0)
+    lse_ref[...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)), 0.0)[:, None]
 
 
 def _backward_queries_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos_ref, qseg_ref, tau_ref,
@@ -120,9 +119,9 @@ def _backward_queries_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, q
         dq, gsum = carry
         k, v, allowed, gates, fractional = chunk
         s = logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
-        p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.where(allowed, jnp.exp(s - lse), 0.0)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-        ds, g = score_gradients(p, dp, delta[:, None], gates, fractional, gate_mode)
+        ds, g = score_gradients(p, dp, delta, gates, fractional, gate_mode)
         dq = dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
         return dq, gsum + jnp.sum(g, axis=1)
 
@@ -130,7 +129,7 @@ def _backward_queries_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, q
     dq, gsum = _walk_tile(carry, update, (k_ref, v_ref, u_ref, seg_ref, anchors_ref), rows, c=pl.program_id(2),
                           window=window, block_q=block_q, block_k=block_k, seq=seq, num_anchors=num_anchors)
     dq_ref[...] = dq * scale
-    gsum_ref[...] = gsum
+    gsum_ref[...] = gsum[:, None]
 
 
 def _backward_keys_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos_ref, qseg_ref, tau_ref,
@@ -154,14 +153,14 @@ def _backward_keys_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos
         dk, dv, du = carry
         q, do = q_ref[c], do_ref[c]
         lse, delta = lse_ref[c], delta_ref[c]
-        col = lambda ref: ref[c][:, None]
-        allowed, gates, fractional = pattern(col(qpos_ref), col(qseg_ref), col(tau_ref), col(theta_ref),
-                                             col(theta_pos_ref), j[None, :], u_j[None, :], seg_j[None, :],
-                                             valid[None, :], window=window, seq=seq)
+        allowed, gates, fractional = pattern(*(ref[c] for ref in (qpos_ref, qseg_ref, tau_ref, theta_ref,
+                                                                   theta_pos_ref)),
+                                             j[None, :], u_j[None, :], seg_j[None, :], valid[None, :],
+                                             window=window, seq=seq)
         s = logits(q, k, allowed, gates, scale=scale, gate_mode=gate_mode)
-        p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.where(allowed, jnp.exp(s - lse), 0.0)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-        ds, g = score_gradients(p, dp, delta[:, None], gates, fractional, gate_mode)
+        ds, g = score_gradients(p, dp, delta, gates, fractional, gate_mode)
         weights = p * gates if gate_mode == "value" else p
         dv = dv + jnp.dot(weights.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
@@ -193,7 +192,7 @@ def _query_major_specs(q_tiles, k, anchors):
     tile = pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, c: (b, h, c, 0, 0))
     keys = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, c: (b, h, 0, 0))
     vector = pl.BlockSpec((None, None, k.shape[2]), lambda b, h, c: (b, h, 0))
-    row = pl.BlockSpec((None, None, None, rows), lambda b, h, c: (b, h, c, 0))
+    row = pl.BlockSpec((None, None, None, rows, 1), lambda b, h, c: (b, h, c, 0, 0))
     anchor = pl.BlockSpec((None, None, None, anchors.shape[3]), lambda b, h, c: (b, h, c, 0))
     return tile, keys, vector, row, anchor
 
@@ -208,26 +207,26 @@ def sparsek_forward(q_tiles, k, v, u, segments, anchors, query_pos, query_seg, t
       q_tiles: ``[batch, kv_heads, num_blocks, rows, head_dim]``, ``rows >= block_q * group`` a power of two
         (row ``r`` = query ``r // group`` of the block, head ``r % group`` of the group; extra rows padding).
       k, v: ``[batch, kv_heads, padded_len, head_dim]``: keys padded by ``window`` zero rows on the left and
-        on the right far enough for every slice read (``sparsek_layout_length``).
+        on the right by at least ``block_k`` rows past the last query block (``_key_length``).
       u, segments: ``[batch, kv_heads, padded_len]`` float32 scores and int32 document ids, same padding.
       anchors: ``[batch, kv_heads, num_blocks, num_anchors]`` int32 key positions of each block's anchors
         (-1: empty), ``num_anchors`` a positive multiple of ``block_k``.
-      query_pos, query_seg, tau, theta, theta_pos: ``[batch, kv_heads, num_blocks, rows]`` per row
+      query_pos, query_seg, tau, theta, theta_pos: ``[batch, kv_heads, num_blocks, rows, 1]`` per row
         (padding rows: position ``>= seq``).
       seq: the real sequence length (keys and queries at or beyond it are masked).
 
     Returns:
-      ``(out [batch, kv_heads, num_blocks, rows, head_dim] float32, lse [batch, kv_heads, num_blocks, rows])``.
+      ``(out [batch, kv_heads, num_blocks, rows, head_dim] float32, lse [batch, kv_heads, num_blocks, rows, 1])``.
     """
     batch, kv_heads, num_blocks, rows, head_dim = q_tiles.shape
     tile, keys, vector, row, anchor = _query_major_specs(q_tiles, k, anchors)
     kernel = functools.partial(_forward_kernel, window=window, block_q=block_q, block_k=block_k, seq=seq,
                                scale=scale, gate_mode=gate_mode, num_anchors=anchors.shape[3])
     out_shape = [jax.ShapeDtypeStruct(q_tiles.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows), jnp.float32)]
+                 jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows, 1), jnp.float32)]
     return pl.pallas_call(kernel, grid=(batch, kv_heads, num_blocks),
                           in_specs=[tile, keys, keys, vector, vector, anchor] + [row] * 5,
-                          out_specs=[tile, row], out_shape=out_shape, interpret=interpret,
+                          out_specs=[tile, row], out_shape=out_shape, interpret=interpret, name="sparsek_forward",
                           compiler_params=_compiler_params(interpret, num_warps, num_stages))(
         q_tiles, k, v, u, segments, anchors, query_pos, query_seg, tau, theta, theta_pos)
 
@@ -241,18 +240,18 @@ def sparsek_backward_queries(q_tiles, k, v, u, segments, anchors, query_pos, que
 
     Arguments as in ``sparsek_forward``, plus ``do_tiles`` (the output cotangent in the layout of
     ``q_tiles``), ``lse`` (the forward's log-sum-exp) and ``delta = sum(do * out, -1)``, per row.
-    Returns ``(dq [like q_tiles] float32, gsum [batch, kv_heads, num_blocks, rows] float32)``.
+    Returns ``(dq [like q_tiles] float32, gsum [batch, kv_heads, num_blocks, rows, 1] float32)``.
     """
     batch, kv_heads, num_blocks, rows, head_dim = q_tiles.shape
     tile, keys, vector, row, anchor = _query_major_specs(q_tiles, k, anchors)
     kernel = functools.partial(_backward_queries_kernel, window=window, block_q=block_q, block_k=block_k,
                                seq=seq, scale=scale, gate_mode=gate_mode, num_anchors=anchors.shape[3])
     out_shape = [jax.ShapeDtypeStruct(q_tiles.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows), jnp.float32)]
+                 jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows, 1), jnp.float32)]
     return pl.pallas_call(kernel, grid=(batch, kv_heads, num_blocks),
                           in_specs=[tile, keys, keys, vector, vector, anchor] + [row] * 5 + [tile, row, row],
                           out_specs=[tile, row], out_shape=out_shape, interpret=interpret,
-                          compiler_params=_compiler_params(interpret, num_warps, num_stages))(
+                          name="sparsek_backward_queries", compiler_params=_compiler_params(interpret, num_warps, num_stages))(
         q_tiles, k, v, u, segments, anchors, query_pos, query_seg, tau, theta, theta_pos, do_tiles, lse, delta)
 
 
@@ -285,7 +284,7 @@ def sparsek_backward_keys(q_tiles, k, v, u, segments, group_anchors, query_pos, 
     tile = pl.BlockSpec((None, None, m, rows, head_dim), lambda b, h, g, t: (b, h, g, 0, 0))
     keys = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, g, t: (b, h, 0, 0))
     vector = pl.BlockSpec((None, None, k.shape[2]), lambda b, h, g, t: (b, h, 0))
-    row = pl.BlockSpec((None, None, m, rows), lambda b, h, g, t: (b, h, g, 0))
+    row = pl.BlockSpec((None, None, m, rows, 1), lambda b, h, g, t: (b, h, g, 0, 0))
     anchor = pl.BlockSpec((None, None, None, num_anchors), lambda b, h, g, t: (b, h, g, 0))
     out_keys = pl.BlockSpec((None, None, None, block_k, head_dim), lambda b, h, g, t: (b, h, g, t, 0))
     out_vector = pl.BlockSpec((None, None, None, block_k), lambda b, h, g, t: (b, h, g, t))
@@ -296,6 +295,71 @@ def sparsek_backward_keys(q_tiles, k, v, u, segments, group_anchors, query_pos, 
     return pl.pallas_call(kernel, grid=(batch, kv_heads, num_groups, slots // block_k),
                           in_specs=[tile, keys, keys, vector, vector, anchor] + [row] * 5 + [tile, row, row],
                           out_specs=[out_keys, out_keys, out_vector], out_shape=out_shape, interpret=interpret,
-                          compiler_params=_compiler_params(interpret, num_warps, num_stages))(
+                          name="sparsek_backward_keys", compiler_params=_compiler_params(interpret, num_warps, num_stages))(
         q_tiles, k, v, u, segments, group_anchors, query_pos, query_seg, tau, theta, theta_pos, do_tiles, lse,
         delta)
+
+
+# -- adapter: the library's layout in, the library's layout out ---------------------------------------------------
+
+class Options(NamedTuple):
+    """Static options of the GPU attention kernels."""
+
+    window: int
+    gate: str
+    scale: float
+    block_q: int
+    block_k: int          # keys per step; a power of two
+    blocks_per_group: int  # query blocks per super-block of the key-major backward
+    num_warps: int
+    num_stages: int
+    interpret: bool = False
+
+
+def _prepare(q, k, v, scores, segments, selection: layout.Selection, o: Options):
+    """Query tiles, padded keys, anchors and row tiles: the shared inputs of the three kernels."""
+    seq, kv_heads = q.shape[1], k.shape[2]
+    ts = layout.tile_shape(seq, q.shape[2] // kv_heads, block_q=o.block_q, blocks_per_group=o.blocks_per_group)
+    # Every contiguous slice (window + block_q keys from i0 - window + 1, in steps of block_k) stays in bounds.
+    keys = functools.partial(layout.padded_keys, left=o.window, length=o.window + ts.padded_blocks * o.block_q
+                             + o.block_k)
+    key_seg = jnp.broadcast_to(segments[:, :, None], scores.shape)
+    inputs = (layout.query_tiles(q, ts, kv_heads), keys(k.astype(q.dtype)), keys(v.astype(q.dtype)), keys(scores),
+              keys(key_seg, fill=-1), layout.padded_anchors(selection.anchors, ts, o.block_k),
+              *layout.query_rows(segments, ts, kv_heads), *layout.selection_rows(selection, ts))
+    static = dict(seq=seq, window=o.window, block_q=o.block_q, block_k=o.block_k, scale=o.scale, gate_mode=o.gate,
+                  interpret=o.interpret, num_warps=o.num_warps, num_stages=o.num_stages)
+    return ts, inputs, static
+
+
+def attention_forward(q, k, v, scores, segments, selection: layout.Selection, o: Options):
+    """The forward kernel on the library's arrays: q ``[batch, seq, q_heads, d]``, k and v ``[batch, seq,
+    kv_heads, d]``, float32 scores ``[batch, seq, kv_heads]``, segments ``[batch, seq]``. Returns the output
+    ``[batch, seq, q_heads, d]`` and log-sum-exp ``[batch, seq, q_heads]``, float32."""
+    ts, inputs, static = _prepare(q, k, v, scores, segments, selection, o)
+    with jax.named_scope("sparsek_forward"):
+        out, lse = sparsek_forward(*inputs, **static)
+    return layout.from_tiles(out, ts), layout.from_tiles(lse, ts)[..., 0]
+
+
+def attention_backward(q, k, v, scores, segments, selection: layout.Selection, out, lse, d_out, o: Options):
+    """The two backward kernels on the library's arrays (``out``, ``lse`` from ``attention_forward``).
+    Returns ``dq [batch, seq, q_heads, d]``, ``dk``, ``dv`` ``[batch, seq, kv_heads, d]``, and per KV head
+    ``[batch, seq, kv_heads]``: the direct term of the scores' gradient (gate gradients of each key's
+    fractional pairs) and, per query, the gate gradients over its fractional keys summed over the group."""
+    batch, seq, kv_heads = scores.shape
+    ts, inputs, static = _prepare(q, k, v, scores, segments, selection, o)
+    rows = layout.output_rows(d_out.astype(q.dtype), out, lse, ts, kv_heads)
+    with jax.named_scope("sparsek_backward_queries"):
+        dq, gsum = sparsek_backward_queries(*inputs, *rows, **static)
+    m = o.blocks_per_group
+    group_anchors = inputs[5][:, :, ::m]
+    with jax.named_scope("sparsek_backward_keys"):
+        partials = sparsek_backward_keys(*inputs[:5], group_anchors, *inputs[6:], *rows, blocks_per_group=m,
+                                         **static)
+    with jax.named_scope("key_gradient_sums"):
+        starts = jnp.arange(ts.padded_blocks // m, dtype=jnp.int32) * (o.block_q * m) - o.window + 1
+        slot_pos = layout.super_block_slots(starts, group_anchors, partials[0].shape[3], seq)
+        dk, dv, direct = layout.key_gradients(partials, slot_pos, seq)
+    gsum = layout.from_tiles(gsum, ts)[..., 0].reshape(batch, seq, kv_heads, ts.group).sum(-1)
+    return layout.from_tiles(dq, ts), dk, dv, direct, gsum

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sparsek_kernels.common import count_leading
+
 NEG_INF = float("-inf")
 
 
@@ -143,16 +145,10 @@ def _split_sums(x, mask, axis=-1):
     return jnp.sum(hi, axis=axis), jnp.sum(mid, axis=axis), jnp.sum(lo, axis=axis)
 
 
-def _count_leading(predicate, length: int, shape):
+def _leading(predicate, length: int, shape):
     """Number of leading indices ``i < length`` where ``predicate(i)`` holds (true on a prefix)."""
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        holds = predicate(jnp.minimum(mid, max(length - 1, 0))) & (mid < hi)
-        return jnp.where(holds, mid + 1, lo), jnp.where(holds, hi, mid)
-
-    bounds = (jnp.zeros(shape, jnp.int32), jnp.full(shape, length, jnp.int32))
-    return lax.fori_loop(0, int(length).bit_length(), step, bounds)[0]
+    return count_leading(predicate, jnp.zeros(shape, jnp.int32), jnp.full(shape, length, jnp.int32),
+                         int(length).bit_length())
 
 
 def _pick(values, index):
@@ -189,9 +185,9 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
                 + jnp.sum(a_valid[None, :] & (a_z[None, :] > z[:, None]), axis=1, dtype=jnp.int32))
 
     one = (1,)
-    i_star = _count_leading(lambda i: rank_a(i) < k - 1, R, one)
+    i_star = _leading(lambda i: rank_a(i) < k - 1, R, one)
     from_a = (i_star < a_count) & (rank_a(jnp.minimum(i_star, R - 1)) == k - 1)
-    j_star = _count_leading(lambda j: rank_q(j) < k - 1, C, one)
+    j_star = _leading(lambda j: rank_q(j) < k - 1, C, one)
     j_vis = jnp.min(jnp.where(q_vis & (iq >= j_star), iq, C), keepdims=True)
     theta = jnp.where(from_a, _pick(a_z, jnp.minimum(i_star, R - 1)), _pick(q_z, jnp.minimum(j_vis, C - 1)))
     theta_pos = jnp.where(from_a, _pick(a_pos, jnp.minimum(i_star, R - 1)), _pick(q_pos, jnp.minimum(j_vis, C - 1)))
@@ -225,7 +221,7 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
         vq = jnp.where(i < C, _pick(q_list, jnp.minimum(i, C - 1)), lowest)
         return jnp.where(which < 2, va, vq) - jnp.where(which % 2 == 1, 1.0, 0.0)
 
-    first = _count_leading(lambda i: ~f_above_k(points(i)), width, (4,))
+    first = _leading(lambda i: ~f_above_k(points(i)), width, (4,))
     start = jnp.max(points(first))
     c0 = jnp.floor(start)
 
@@ -695,8 +691,8 @@ def pallas_merge_lists(a_z, a_pos, b_z, b_pos, keep_b, *, interpret: bool = Fals
         az, bz = a_z_ref[...], b_z_ref[...]
         index = lax.iota(jnp.int32, W)
         keep = jnp.max(keep_ref[...]) > 0
-        b_rank = _count_leading(lambda j: b_z_ref[j] >= az, W, (W,))   # b keys at or above each a key
-        a_rank = _count_leading(lambda i: a_z_ref[i] > bz, W, (W,))    # a keys strictly above each b key
+        b_rank = _leading(lambda j: b_z_ref[j] >= az, W, (W,))   # b keys at or above each a key
+        a_rank = _leading(lambda i: a_z_ref[i] > bz, W, (W,))    # a keys strictly above each b key
         dest_a = jnp.where(keep, R, jnp.minimum(index + b_rank, R))
         dest_b = jnp.where(keep, jnp.minimum(index, R), jnp.minimum(index + a_rank, R))
         z_ref[dest_a] = az

@@ -26,6 +26,7 @@ The kernels take arrays and static sizes only; they know nothing of the library 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sparsek_kernels import layout
 from sparsek_kernels.common import MASK_VALUE, logits, pattern, score_gradients
 
 
@@ -261,7 +263,7 @@ def sparsek_forward(q_tiles, k, v, u, segments, anchor_k, anchor_v, anchor_u, an
     kernel = functools.partial(_forward_kernel, window=window, block_q=block_q, block_k=block_k, left_pad=left_pad,
                                seq=seq, scale=scale, gate_mode=gate_mode, num_contiguous=num_contiguous)
     return pl.pallas_call(
-        kernel, grid=(batch, kv_heads, num_blocks, num_contiguous + num_anchor_steps),
+        kernel, grid=(batch, kv_heads, num_blocks, num_contiguous + num_anchor_steps), name="sparsek_forward",
         in_specs=_inputs_in_specs(specs), out_specs=[tile, row],
         out_shape=[jax.ShapeDtypeStruct(q_tiles.shape, jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows, 1), jnp.float32)],
@@ -289,7 +291,7 @@ def sparsek_backward_queries(q_tiles, k, v, u, segments, anchor_k, anchor_v, anc
                                num_contiguous=num_contiguous)
     return pl.pallas_call(
         kernel, grid=(batch, kv_heads, num_blocks, num_contiguous + anchor_k.shape[3] // block_k),
-        in_specs=_inputs_in_specs(specs) + [tile, row, row], out_specs=[tile, row],
+        name="sparsek_backward_queries", in_specs=_inputs_in_specs(specs) + [tile, row, row], out_specs=[tile, row],
         out_shape=[jax.ShapeDtypeStruct(q_tiles.shape, jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, num_blocks, rows, 1), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((rows, head_dim), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32)],
@@ -334,7 +336,7 @@ def sparsek_backward_keys(q_tiles, k, v, u, segments, anchor_k, anchor_v, anchor
                                left_pad=left_pad, seq=seq, scale=scale, gate_mode=gate_mode, blocks_per_group=m,
                                num_contiguous=num_contiguous)
     return pl.pallas_call(
-        kernel, grid=(batch, kv_heads, num_groups, slots // block_k, m),
+        kernel, grid=(batch, kv_heads, num_groups, slots // block_k, m), name="sparsek_backward_keys",
         in_specs=_inputs_in_specs(specs) + [tile, row, row], out_specs=[out_keys, out_keys, out_vector],
         out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, num_groups, slots, head_dim), jnp.float32)] * 2
         + [jax.ShapeDtypeStruct((batch, kv_heads, num_groups, 1, slots), jnp.float32)],
@@ -343,3 +345,81 @@ def sparsek_backward_keys(q_tiles, k, v, u, segments, anchor_k, anchor_v, anchor
         **_params(interpret, ("parallel", "parallel", "parallel", "parallel", "arbitrary")))(
         q_tiles, k, v, u, segments, anchor_k, anchor_v, anchor_u, anchor_seg, anchor_pos, query_pos, query_seg, tau,
         theta, theta_pos, do_tiles, lse, delta)
+
+
+# -- adapter: the library's layout in, the library's layout out ---------------------------------------------------
+
+class Options(NamedTuple):
+    """Static options of the TPU attention kernels."""
+
+    window: int
+    gate: str
+    scale: float
+    block_q: int
+    block_k: int          # keys per step (128 lanes on hardware; any multiple of 8 in the interpreter)
+    blocks_per_group: int  # query blocks per super-block of the key-major backward
+    interpret: bool = False
+
+
+def _anchor_arrays(q, k, v, scores, segments, anchors):
+    """Each run's anchors gathered into dense arrays: keys and values ``[.., A, d]``, vectors ``[.., 1, A]``."""
+    safe = jnp.maximum(anchors, 0)
+    key_seg = jnp.broadcast_to(segments[:, :, None], scores.shape)
+    keys = [layout.gather_rows(x.astype(q.dtype), safe) for x in (k, v)]
+    vectors = [layout.gather_rows(x, safe)[..., None, :] for x in (scores, key_seg)]
+    return (*keys, *vectors, anchors[..., None, :])
+
+
+def _prepare(q, k, v, scores, segments, selection: layout.Selection, o: Options):
+    seq, kv_heads = q.shape[1], k.shape[2]
+    ts = layout.tile_shape(seq, q.shape[2] // kv_heads, block_q=o.block_q, blocks_per_group=o.blocks_per_group,
+                           row_multiple=8)
+    B, bk, m = o.block_q, o.block_k, o.blocks_per_group
+    left = -(-o.window // bk) * bk
+    first = functools.partial(first_block, window=o.window, left_pad=left, block_k=bk)
+    # Whole aligned blocks covering every query block's and every super-block's contiguous range.
+    blocks_needed = max(first((ts.padded_blocks - 1) * B) + contiguous_blocks(o.window, B, bk),
+                        first((ts.padded_blocks // m - 1) * B * m) + contiguous_blocks(o.window, B * m, bk))
+    keys = functools.partial(layout.padded_keys, left=left, length=max(blocks_needed * bk, -(-(left + seq) // bk) * bk))
+    key_seg = jnp.broadcast_to(segments[:, :, None], scores.shape)
+    shared = (keys(k.astype(q.dtype)), keys(v.astype(q.dtype)), keys(scores)[:, :, None, :],
+              keys(key_seg, fill=-1)[:, :, None, :])
+    anchors = layout.padded_anchors(selection.anchors, ts, bk)
+    rows = (*layout.query_rows(segments, ts, kv_heads), *layout.selection_rows(selection, ts))
+    static = dict(seq=seq, window=o.window, block_q=B, block_k=bk, left_pad=left, scale=o.scale, gate_mode=o.gate,
+                  interpret=o.interpret)
+    return ts, shared, anchors, rows, static
+
+
+def attention_forward(q, k, v, scores, segments, selection: layout.Selection, o: Options):
+    """As ``sparsek_kernels.gpu.attention_forward``, with the TPU kernels."""
+    ts, shared, anchors, rows, static = _prepare(q, k, v, scores, segments, selection, o)
+    with jax.named_scope("sparsek_forward"):
+        out, lse = sparsek_forward(layout.query_tiles(q, ts, k.shape[2]), *shared,
+                                   *_anchor_arrays(q, k, v, scores, segments, anchors), *rows, **static)
+    return layout.from_tiles(out, ts), layout.from_tiles(lse, ts)[..., 0]
+
+
+def attention_backward(q, k, v, scores, segments, selection: layout.Selection, out, lse, d_out, o: Options):
+    """As ``sparsek_kernels.gpu.attention_backward``, with the TPU kernels."""
+    batch, seq, kv_heads = scores.shape
+    ts, shared, anchors, rows, static = _prepare(q, k, v, scores, segments, selection, o)
+    q_tiles = layout.query_tiles(q, ts, kv_heads)
+    outputs = layout.output_rows(d_out.astype(q.dtype), out, lse, ts, kv_heads)
+    with jax.named_scope("sparsek_backward_queries"):
+        dq, gsum = sparsek_backward_queries(q_tiles, *shared, *_anchor_arrays(q, k, v, scores, segments, anchors),
+                                            *rows, *outputs, **static)
+    m = o.blocks_per_group
+    group_anchors = anchors[:, :, ::m]
+    with jax.named_scope("sparsek_backward_keys"):
+        dk_part, dv_part, du_part = sparsek_backward_keys(
+            q_tiles, *shared, *_anchor_arrays(q, k, v, scores, segments, group_anchors), *rows, *outputs,
+            blocks_per_group=m, **static)
+    with jax.named_scope("key_gradient_sums"):
+        groups = jnp.arange(ts.padded_blocks // m, dtype=jnp.int32)
+        starts = first_block(groups * (o.block_q * m), window=o.window, left_pad=static["left_pad"],
+                             block_k=o.block_k) * o.block_k - static["left_pad"]
+        slot_pos = layout.super_block_slots(starts, group_anchors, dk_part.shape[3], seq)
+        dk, dv, direct = layout.key_gradients((dk_part, dv_part, du_part[:, :, :, 0]), slot_pos, seq)
+    gsum = layout.from_tiles(gsum, ts)[..., 0].reshape(batch, seq, kv_heads, ts.group).sum(-1)
+    return layout.from_tiles(dq, ts), dk, dv, direct, gsum

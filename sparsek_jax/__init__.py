@@ -5,12 +5,16 @@ The functional core (no Flax): the SPARSEK operator, prefix thresholds, the dens
 """
 
 from sparsek_jax.attention import sparsek_attention
+from sparsek_jax.block_sizes import BlockSizes
+from sparsek_jax.blocked import MeshAxes
 from sparsek_jax.operator import sparsek, sparsek_threshold
 from sparsek_jax.pattern import AttentionPattern, attention_pattern
 from sparsek_jax.thresholds import ThresholdInfo, default_buffer_size, is_selected, prefix_thresholds
 
 __all__ = [
     "AttentionPattern",
+    "BlockSizes",
+    "MeshAxes",
     "ThresholdInfo",
     "attention_pattern",
     "default_buffer_size",

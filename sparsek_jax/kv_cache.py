@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from sparsek_jax.operator import threshold_of_sorted
+from sparsek_jax.softmax import masked_softmax
+from sparsek_kernels.common import TINY
 
 __all__ = ["AttentionCache", "empty_cache", "prefill_cache", "append_token", "attend"]
 
@@ -196,8 +198,8 @@ def attend(cache: AttentionCache, q, *, scale: float, gate: str = "value"):
     group = q_heads // kv_heads
     qg = q.astype(jnp.float32).reshape(batch, kv_heads, group, head_dim)
     window_logits = jnp.einsum("bhgd,bshd->bhgs", qg, cache.window_k.astype(jnp.float32)) * scale
-    window_ok = jnp.broadcast_to(cache.window_pos >= 0, window_logits.shape)
-    logits = [jnp.where(window_ok, window_logits, -jnp.inf)]
+    logits = [window_logits]
+    allowed = [jnp.broadcast_to(cache.window_pos >= 0, window_logits.shape)]
     values = [jnp.moveaxis(cache.window_v.astype(jnp.float32), 1, 2)]  # [b, kv_heads, ring, d]
     gates = [jnp.ones(window_logits.shape[:2] + window_logits.shape[3:], jnp.float32)]
     if cache.topk:
@@ -206,16 +208,13 @@ def attend(cache: AttentionCache, q, *, scale: float, gate: str = "value"):
                                 jnp.clip(cache.selected_u - tau[..., None], 0.0, 1.0), 0.0)
         sel_logits = jnp.einsum("bhgd,bhkd->bhgk", qg, cache.selected_k.astype(jnp.float32)) * scale
         if gate == "logit":
-            sel_logits = sel_logits + jnp.log(jnp.maximum(gate_values, jnp.finfo(jnp.float32).tiny))[:, :, None]
-        logits.append(jnp.where((cache.selected_pos >= 0)[:, :, None], sel_logits, -jnp.inf))
+            sel_logits = sel_logits + jnp.log(jnp.maximum(gate_values, TINY))[:, :, None]
+        logits.append(sel_logits)
+        allowed.append(jnp.broadcast_to((cache.selected_pos >= 0)[:, :, None], sel_logits.shape))
         values.append(cache.selected_v.astype(jnp.float32))
         gates.append(gate_values if gate == "value" else jnp.ones_like(gate_values))
         cache = cache._replace(exact=cache.exact & (cache.dropped <= tau))
-    logits = jnp.concatenate(logits, axis=-1)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(logits - row_max)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(total > 0, total, 1.0) * jnp.concatenate(gates, axis=-1)[:, :, None]
+    probs, _ = masked_softmax(jnp.concatenate(logits, axis=-1), jnp.concatenate(allowed, axis=-1))
+    probs = probs * jnp.concatenate(gates, axis=-1)[:, :, None]
     out = jnp.einsum("bhgs,bhsd->bhgd", probs, jnp.concatenate(values, axis=2))
     return out.reshape(batch, q_heads, head_dim).astype(q.dtype), cache

@@ -1,7 +1,8 @@
 """The dense SparseK attention pattern: which keys each query attends to, and with which gate.
 
 O(seq^2) in memory and time. It is the definition every fast path is tested against and the source of the
-plots in the docs; it shares no code with the blocked thresholds (``thresholds.py``) beyond the operator.
+plots in the docs. It ranks each query's candidates with its own sort and gates them with the operator, so it
+shares with the blocked thresholds (``thresholds.py``) only the selection rule (``is_selected``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from jax import lax
 
 from sparsek_jax import validation
 from sparsek_jax.operator import sparsek
-from sparsek_jax.thresholds import is_selected
+from sparsek_kernels.common import is_selected
 
 __all__ = ["AttentionPattern", "attention_pattern"]
 

@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparsek_kernels import thresholds as simulation
 from sparsek_jax import validation
+from sparsek_jax.block_sizes import BlockSizes
+from sparsek_kernels import thresholds as simulation
+from sparsek_kernels.common import count_leading, is_selected
 
 __all__ = ["ThresholdInfo", "prefix_thresholds", "default_buffer_size", "is_selected"]
 
@@ -59,11 +61,6 @@ class ThresholdInfo(NamedTuple):
 def default_buffer_size(topk: int, seq: int) -> int:
     """Buffer size ``R`` used when none is given: room for ``topk`` plus a margin of fractional keys."""
     return max(1, min(max(2 * topk, topk + 128), seq))
-
-
-def is_selected(scores_j, pos_j, theta_i, theta_pos_i):
-    """``(u_j, j) >= (theta_i, theta_pos_i)``: the selection rule with newer-wins ties (broadcasting)."""
-    return (scores_j > theta_i) | ((scores_j == theta_i) & (pos_j >= theta_pos_i))
 
 
 def _sorted_desc(scores, pos):
@@ -176,7 +173,7 @@ class _Backend(NamedTuple):
     prefix_scan: Callable
 
 
-def _backend(implementation: str, interpret: bool) -> _Backend:
+def threshold_backend(implementation: str, interpret: bool) -> _Backend:
     if implementation == "pallas_gpu":
         return _Backend(functools.partial(simulation.pallas_merge_lists, interpret=interpret),
                         functools.partial(simulation.pallas_cut_states, interpret=interpret),
@@ -184,15 +181,8 @@ def _backend(implementation: str, interpret: bool) -> _Backend:
     return _Backend(_merge_lists_xla, simulation.xla_cut_states, simulation.xla_lanes, doubling_scan)
 
 
-def default_scan_block(block_size: int, seq: int) -> int:
-    """Keys per chunk (one lane each) when none is given: 256 rounded to whole query blocks, no longer than
-    the sequence needs."""
-    blocks = max(1, min(-(-256 // block_size), -(-seq // block_size)))
-    return blocks * block_size
-
-
-def _prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
-                    backend: _Backend = _backend("xla", False)) -> _Chunks:
+def prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
+                    backend: _Backend = threshold_backend("xla", False)) -> _Chunks:
     """Sorted chunk lists, start buffers (an associative scan of per-chunk top-R summaries), document
     counts and the cut states every lane starts from. scores float32 [rows, seq], segments int32 [rows, seq]."""
     rows, seq = scores.shape
@@ -284,16 +274,15 @@ def _anchor_lists(ch: _Chunks, theta, theta_pos, segments, anchor_top, *, block_
 
 @functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size", "scan_block",
                                              "implementation", "interpret", "with_anchors"))
-def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size, scan_block=None,
+def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size, scan_block,
                        implementation="xla", interpret=False, with_anchors=True) -> BlockedThresholds:
     """Thresholds of every query plus per-query-block anchors. scores float32 ``[batch, seq, kv_heads]``,
     segments int32 ``[batch, seq]``, ``topk >= 1``, ``buffer_size >= min(topk, seq)`` (raised to
     ``topk + 1`` inside where smaller: a buffer must hold the k-th key and the next). ``block_size``: queries
     per attention block (one anchor list each); ``scan_block``: keys per chunk (one lane each), a multiple of
-    ``block_size`` (default ``default_scan_block``). ``implementation``: ``"xla"`` or ``"pallas_gpu"`` (the
+    ``block_size``. ``implementation``: ``"xla"`` or ``"pallas_gpu"`` (the
     Pallas GPU kernels; ``interpret=True``: interpret mode). ``with_anchors=False`` leaves ``anchors`` None."""
     batch, seq, kv_heads = scores.shape
-    scan_block = default_scan_block(block_size, seq) if scan_block is None else scan_block
     if scan_block % block_size:
         raise ValueError(f"scan_block: expected a multiple of block_size={block_size}, received {scan_block}")
     num_blocks = -(-seq // block_size)
@@ -314,8 +303,8 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
     u = jnp.where(u == 0.0, 0.0, u)
     seg = jnp.broadcast_to(segments[:, None, :], (batch, kv_heads, seq)).reshape(rows, seq)
     R = max(buffer_size, min(topk + 1, seq))
-    backend = _backend(implementation, interpret)
-    ch = _prepare_chunks(u, seg, topk=topk, buffer_size=R, chunk=scan_block, backend=backend)
+    backend = threshold_backend(implementation, interpret)
+    ch = prepare_chunks(u, seg, topk=topk, buffer_size=R, chunk=scan_block, backend=backend)
     with jax.named_scope("lanes"):
         out = backend.lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, k=topk, buffer_size=R, chunk=scan_block,
                             block=block_size, anchor_offset=anchor_offset)
@@ -372,19 +361,6 @@ def running_max_within_documents(values, segments, *, scan=lax.associative_scan)
     return scan(combine, (docs, values), axis=1)[1]
 
 
-def _first_index(predicate, lo, hi, num_steps):
-    """Smallest i in [lo, hi) with predicate(i) true (``hi`` if none), for a predicate that is false then
-    true on [lo, hi). Vectorised over the shapes of ``lo`` and ``hi``."""
-
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        go_left = predicate(mid) & (lo < hi)
-        return jnp.where(go_left | (lo >= hi), lo, mid + 1), jnp.where(go_left, mid, hi)
-
-    return lax.fori_loop(0, num_steps, step, (lo, hi))[0]
-
-
 def fractional_range_sums(gbar, scores, tau, segments, window):
     """``sum_i [l in M_i] gbar_i`` for every key ``l``. gbar, scores, tau: [b, hkv, seq]; segments [b, seq].
 
@@ -400,14 +376,14 @@ def fractional_range_sums(gbar, scores, tau, segments, window):
     end = jnp.broadcast_to(end[:, None, :], (b, h, seq))
     tau_at = lambda i: jnp.take_along_axis(tau, jnp.minimum(i, seq - 1), axis=2)
     steps = int(seq).bit_length() + 1
-    lo = _first_index(lambda i: scores - tau_at(i) < 1.0, start, end, steps)
-    hi = _first_index(lambda i: scores - tau_at(i) <= 0.0, start, end, steps)
+    lo = count_leading(lambda i: scores - tau_at(i) >= 1.0, start, end, steps)
+    hi = count_leading(lambda i: scores - tau_at(i) > 0.0, start, end, steps)
     prefix = jnp.concatenate([jnp.zeros((b, h, 1), gbar.dtype), jnp.cumsum(gbar, axis=2)], axis=2)
     return jnp.take_along_axis(prefix, hi, axis=2) - jnp.take_along_axis(prefix, lo, axis=2)
 
 
 def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids: jax.Array | None = None,
-                      buffer_size: int | None = None, block_size: int = 128, return_info: bool = False,
+                      buffer_size: int | None = None, chunk_size: int | None = None, return_info: bool = False,
                       implementation: str = "auto", interpret: bool = False):
     """SparseK thresholds ``tau_i`` and ``theta_i`` of every query over its candidate keys.
 
@@ -420,7 +396,7 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
       window: sliding-window length ``w >= 0``; the window's keys are not candidates.
       segment_ids: optional int ``[batch, seq]`` document ids.
       buffer_size: ``R >= topk``, the bounded buffer of top scores (default ``default_buffer_size``).
-      block_size: keys per chunk (one lane of the event simulation each).
+      chunk_size: keys per chunk (one lane of the event simulation each; default 256, at most ``seq``).
       return_info: also return a ``ThresholdInfo``.
       implementation: ``"xla"``, ``"pallas_gpu"`` (the GPU kernels; ``interpret=True`` runs them in Pallas
         interpret mode on any backend) or ``"auto"`` (``pallas_gpu`` on GPUs, ``xla`` elsewhere).
@@ -437,11 +413,13 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
       score, and no gate moves with it), ``d theta_i / d u_l`` is 1 on the k-th key.
     """
     topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
-    implementation = resolve_implementation(implementation)
+    implementation = validation.resolve_implementation(implementation, ("auto", "xla", "pallas_gpu"))
     batch, seq, kv_heads = scores.shape
-    block_size = validation.check_nonnegative_int("block_size", block_size)
-    if block_size < 1:
-        raise ValueError(f"block_size: expected a positive int, received {block_size}")
+    if chunk_size is None:
+        chunk_size = max(1, min(BlockSizes.default("xla").threshold_chunk, seq))
+    chunk_size = validation.check_nonnegative_int("chunk_size", chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, received {chunk_size}")
     if buffer_size is None:
         buffer_size = default_buffer_size(topk, seq)
     buffer_size = validation.check_nonnegative_int("buffer_size", buffer_size)
@@ -457,26 +435,18 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
 
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
                 else jnp.asarray(segment_ids, jnp.int32))
-    options = _Options(topk, window, buffer_size, block_size, implementation, interpret)
+    options = _Options(topk, window, buffer_size, chunk_size, implementation, interpret)
     tau, theta, theta_pos, num_fractional, exact = _differentiable_thresholds(scores, segments, options)
     if return_info:
         return tau, theta, ThresholdInfo(theta_pos, num_fractional, exact)
     return tau, theta
 
 
-def resolve_implementation(implementation: str) -> str:
-    """``"auto"``: the Pallas GPU kernels on GPUs, plain XLA elsewhere."""
-    validation.check_choice("implementation", implementation, ("auto", "xla", "pallas_gpu"))
-    if implementation == "auto":
-        return "pallas_gpu" if jax.default_backend() == "gpu" else "xla"
-    return implementation
-
-
 class _Options(NamedTuple):
     topk: int
     window: int
     buffer_size: int
-    block_size: int
+    chunk_size: int
     implementation: str
     interpret: bool
 
@@ -484,8 +454,8 @@ class _Options(NamedTuple):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _differentiable_thresholds(scores, segments, options: _Options):
     th = blocked_thresholds(jnp.asarray(scores, jnp.float32), segments, topk=options.topk, window=options.window,
-                            buffer_size=options.buffer_size, block_size=options.block_size,
-                            scan_block=options.block_size, implementation=options.implementation,
+                            buffer_size=options.buffer_size, block_size=options.chunk_size,
+                            scan_block=options.chunk_size, implementation=options.implementation,
                             interpret=options.interpret, with_anchors=False)
     return th.tau, th.theta, th.theta_pos, th.num_fractional, th.exact
 

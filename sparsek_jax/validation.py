@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,3 +101,13 @@ def check_selection_args(scores, topk, window, segment_ids) -> tuple[int, int]:
     batch, seq, _ = np.shape(scores)
     check_segment_ids(segment_ids, batch, seq)
     return topk, window
+
+
+def resolve_implementation(implementation: str, choices: Sequence[str] = IMPLEMENTATIONS) -> str:
+    """Checks ``implementation`` against ``choices``; ``"auto"`` becomes the kernels of the default backend
+    (``pallas_gpu`` on GPUs, ``pallas_tpu`` on TPUs) where they are among the choices, else ``xla``."""
+    check_choice("implementation", implementation, choices)
+    if implementation != "auto":
+        return implementation
+    best = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+    return best if best in choices else "xla"

@@ -1,14 +1,18 @@
-"""Shared fixtures. Random inputs are drawn fresh on every run; the seed is printed with any failure and
-can be replayed with SPARSEK_TEST_SEED=<seed>."""
+"""Shared fixtures. Random inputs come from a fixed default seed; ``SPARSEK_TEST_SEED=<n>`` picks another and
+``SPARSEK_TEST_SEED=random`` draws a fresh one (fuzzing). Every failure prints the seed that replays it."""
 
 import os
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # builders, oracles
 
-_SESSION_SEED = int(os.environ.get("SPARSEK_TEST_SEED", np.random.SeedSequence().entropy % (2**32)))
+_REQUESTED = os.environ.get("SPARSEK_TEST_SEED", "0")
+_SESSION_SEED = (int(np.random.SeedSequence().entropy % (2**32)) if _REQUESTED == "random" else int(_REQUESTED))
 os.environ["SPARSEK_TEST_SEED"] = str(_SESSION_SEED)  # pytest-xdist workers inherit the same seed
 
 

@@ -8,13 +8,14 @@ import optax
 import pytest
 from flax import nnx
 
+import sparsek_jax as sk
 import sparsek_jax.nn as sknn
 from sparsek_jax.kv_cache import AttentionCache
 
 
 def small_config(**overrides):
     base = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
-                attention="sparsek", topk=4, window=3, position_slope=0.3, implementation="xla", block_size=8,
+                attention="sparsek", topk=4, window=3, position_slope=0.3, implementation="xla", block_sizes=sk.BlockSizes(block_q=8),
                 max_decode_length=96)
     base.update(overrides)
     return sknn.ModelConfig(**base)

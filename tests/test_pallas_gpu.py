@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import sparsek_jax as sk
-from sparsek_jax.xla_attention import xla_sparsek_attention
-from test_xla_attention import inputs
+from builders import assert_matches_reference, attention_inputs, value_and_grads
 
 CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented)
     (37, 4, 2, 3, 4, "value", 8, False, False),
@@ -20,44 +19,31 @@ CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented
 ]
 
 
+def run(implementation, q, k, v, u, cotangent, **options):
+    return value_and_grads(lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, implementation=implementation,
+                                                                   **options), q, k, v, u, cotangent)
+
+
 @pytest.mark.parametrize("seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented", CASES)
 def test_interpret_mode_matches_reference(rng, seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented):
-    q, k, v, u, seg = inputs(rng, 2, seq, q_heads, kv_heads, 8, ties=ties, segmented=segmented)
+    q, k, v, u, seg = attention_inputs(rng, 2, seq, q_heads, kv_heads, 8, ties=ties, segmented=segmented)
     cotangent = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
-
-    def run(implementation, **extra):
-        def f(q, k, v, u):
-            out = sk.sparsek_attention(q, k, v, u, topk=topk, window=window, gate=gate, segment_ids=seg,
-                                       implementation=implementation, block_size=block, **extra)
-            return jnp.sum(out * cotangent), out
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, u)
-
-    (_, ref), ref_grads = run("reference")
-    (_, out), grads = run("pallas_gpu", interpret=True)
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
-    for name, g, r in zip(("dq", "dk", "dv", "dscores"), grads, ref_grads):
-        np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4, err_msg=name)
+    options = dict(topk=topk, window=window, gate=gate, segment_ids=seg)
+    got = run("pallas_gpu", q, k, v, u, cotangent, interpret=True, block_sizes=sk.BlockSizes(block_q=block),
+              **options)
+    assert_matches_reference(got, run("reference", q, k, v, u, cotangent, **options))
 
 
 @pytest.mark.parametrize("blocks_per_group", [1, 3])
 def test_key_major_backward_any_super_block(rng, blocks_per_group):
     # The key-major backward kernel groups query blocks into super-blocks; every grouping gives the same
     # gradients (here with segments, ties, GQA and a sequence that is not a whole number of super-blocks).
-    seq, q_heads, kv_heads, topk, window, block = 53, 4, 2, 5, 6, 8
-    q, k, v, u, seg = inputs(rng, 2, seq, q_heads, kv_heads, 8, ties=True, segmented=True)
+    q, k, v, u, seg = attention_inputs(rng, 2, 53, 4, 2, 8, ties=True, segmented=True)
     cotangent = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
-    scale = 1.0 / np.sqrt(8)
-
-    def grads(f):
-        return jax.grad(lambda *a: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2, 3))(q, k, v, u)
-
-    ref = grads(lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=topk, window=window, segment_ids=seg,
-                                                        implementation="reference"))
-    got = grads(lambda q, k, v, u: xla_sparsek_attention(
-        q, k, v, u, seg, topk=topk, window=window, gate="value", scale=scale, block_size=block,
-        path="pallas_gpu", interpret=True, blocks_per_group=blocks_per_group))
-    for name, g, r in zip(("dq", "dk", "dv", "dscores"), got, ref):
-        np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4, err_msg=name)
+    options = dict(topk=5, window=6, segment_ids=seg)
+    got = run("pallas_gpu", q, k, v, u, cotangent, interpret=True,
+              block_sizes=sk.BlockSizes(block_q=8, blocks_per_group=blocks_per_group), **options)
+    assert_matches_reference(got, run("reference", q, k, v, u, cotangent, **options))
 
 
 def relative_error(a, b):
@@ -69,7 +55,7 @@ def relative_error(a, b):
 @pytest.mark.parametrize("seq, q_heads, kv_heads, head_dim, topk, window",
                          [(4096, 12, 12, 64, 1024, 1024), (8192, 12, 4, 128, 256, 256), (3001, 8, 2, 64, 512, 128)])
 def test_gpu_matches_xla_path_in_bf16(rng, seq, q_heads, kv_heads, head_dim, topk, window):
-    q, k, v, u, _ = inputs(rng, 1, seq, q_heads, kv_heads, head_dim)
+    q, k, v, u, _ = attention_inputs(rng, 1, seq, q_heads, kv_heads, head_dim)
     u = u + 1e-3 * jnp.arange(seq, dtype=jnp.float32)[None, :, None]
     bf = lambda x: x.astype(jnp.bfloat16)
     q, k, v = bf(q), bf(k), bf(v)

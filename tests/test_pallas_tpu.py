@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import sparsek_jax as sk
-from sparsek_jax.xla_attention import xla_sparsek_attention
-from test_xla_attention import inputs
+from builders import assert_matches_reference, attention_inputs, value_and_grads
 
 CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, ties, segmented, blocks_per_group)
     (29, 4, 2, 3, 5, "value", False, True, 2),    # GQA 2:1, window > 0, documents, a partial super-block
@@ -23,28 +22,21 @@ CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, ties, segmented, block
 @pytest.mark.parametrize("seq, q_heads, kv_heads, topk, window, gate, ties, segmented, blocks_per_group", CASES)
 def test_tpu_interpret_mode_matches_reference(rng, seq, q_heads, kv_heads, topk, window, gate, ties, segmented,
                                               blocks_per_group):
-    q, k, v, u, seg = inputs(rng, 1, seq, q_heads, kv_heads, 8, ties=ties, segmented=segmented)
+    q, k, v, u, seg = attention_inputs(rng, 1, seq, q_heads, kv_heads, 8, ties=ties, segmented=segmented)
     cotangent = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
-    scale = 1.0 / np.sqrt(8)
+    options = dict(topk=topk, window=window, gate=gate, segment_ids=seg)
+    blocks = sk.BlockSizes(block_q=8, block_k=8, blocks_per_group=blocks_per_group)
 
-    def value_and_grads(attention):
-        f = lambda q, k, v, u: attention(q, k, v, u)
-        out, vjp = jax.vjp(f, q, k, v, u)
-        return out, vjp(cotangent)
+    def run(implementation, **extra):
+        return value_and_grads(lambda q, k, v, u: sk.sparsek_attention(
+            q, k, v, u, implementation=implementation, **options, **extra), q, k, v, u, cotangent)
 
-    ref, ref_grads = value_and_grads(lambda q, k, v, u: sk.sparsek_attention(
-        q, k, v, u, topk=topk, window=window, gate=gate, segment_ids=seg, implementation="reference"))
-    out, grads = value_and_grads(lambda q, k, v, u: xla_sparsek_attention(
-        q, k, v, u, seg, topk=topk, window=window, gate=gate, scale=scale, block_size=8, path="pallas_tpu",
-        interpret=True, block_k=8, blocks_per_group=blocks_per_group))
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
-    for name, g, r in zip(("dq", "dk", "dv", "dscores"), grads, ref_grads):
-        np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4, err_msg=name)
+    assert_matches_reference(run("pallas_tpu", interpret=True, block_sizes=blocks), run("reference"))
 
 
 def test_public_entry_point_runs_the_tpu_kernels(rng):
-    q, k, v, u, _ = inputs(rng, 1, 16, 2, 1, 8)
+    q, k, v, u, _ = attention_inputs(rng, 1, 16, 2, 1, 8)
     out = sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="pallas_tpu", interpret=True,
-                               block_size=8)
+                               block_sizes=sk.BlockSizes(block_q=8))
     ref = sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="reference")
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)

@@ -5,26 +5,11 @@ import pytest
 from jax.test_util import check_grads
 
 import sparsek_jax as sk
+from builders import random_qkv as qkv, random_scores, random_segments
 from oracles import sparsek_attention_np, topk_newest_first
 
 
-def qkv(rng, batch, seq, q_heads, kv_heads, dim, dtype=np.float32):
-    q = rng.normal(size=(batch, seq, q_heads, dim))
-    k = rng.normal(size=(batch, seq, kv_heads, dim))
-    v = rng.normal(size=(batch, seq, kv_heads, dim))
-    return tuple(jnp.asarray(x.astype(dtype)) for x in (q, k, v))
-
-
-def scores_for(rng, batch, seq, kv_heads, ties=False):
-    u = rng.normal(size=(batch, seq, kv_heads)) * 1.5
-    if ties:
-        u = np.round(u)
-    return jnp.asarray(u.astype(np.float32))
-
-
-def segments_for(rng, batch, seq):
-    cuts = np.sort(rng.choice(np.arange(2, seq - 1), size=2, replace=False))
-    return jnp.asarray(np.stack([np.searchsorted(cuts, np.arange(seq), side="right")] * batch), jnp.int32)
+REF = dict(implementation="reference")
 
 
 ORACLE_CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, ties, segmented)
@@ -41,9 +26,9 @@ ORACLE_CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, ties, segmented
 @pytest.mark.parametrize("seq, q_heads, kv_heads, topk, window, gate, ties, segmented", ORACLE_CASES)
 def test_matches_loop_oracle(rng, seq, q_heads, kv_heads, topk, window, gate, ties, segmented):
     q, k, v = qkv(rng, 2, seq, q_heads, kv_heads, 8)
-    u = scores_for(rng, 2, seq, kv_heads, ties)
-    seg = segments_for(rng, 2, seq) if segmented else None
-    out = sk.sparsek_attention(q, k, v, u, topk=topk, window=window, gate=gate, segment_ids=seg)
+    u = random_scores(rng, 2, seq, kv_heads, scale=1.5, ties=ties)
+    seg = random_segments(rng, 2, seq) if segmented else None
+    out = sk.sparsek_attention(q, k, v, u, topk=topk, window=window, gate=gate, segment_ids=seg, **REF)
     expected = sparsek_attention_np(q, k, v, u, topk=topk, window=window, gate=gate, segment_ids=seg)
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)
 
@@ -51,8 +36,8 @@ def test_matches_loop_oracle(rng, seq, q_heads, kv_heads, topk, window, gate, ti
 @pytest.mark.parametrize("seq, q_heads, kv_heads, dim", [(33, 4, 4, 64), (31, 4, 2, 128), (29, 8, 2, 64)])
 def test_dense_causal_reduction(rng, seq, q_heads, kv_heads, dim):
     q, k, v = qkv(rng, 2, seq, q_heads, kv_heads, dim)
-    u = scores_for(rng, 2, seq, kv_heads)
-    out = sk.sparsek_attention(q, k, v, u, topk=seq, window=0)
+    u = random_scores(rng, 2, seq, kv_heads, scale=1.5)
+    out = sk.sparsek_attention(q, k, v, u, topk=seq, window=0, **REF)
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -60,8 +45,8 @@ def test_dense_causal_reduction(rng, seq, q_heads, kv_heads, dim):
 @pytest.mark.parametrize("seq, q_heads, kv_heads, dim, window", [(33, 4, 2, 64, 5), (27, 2, 1, 128, 1)])
 def test_sliding_window_reduction(rng, seq, q_heads, kv_heads, dim, window):
     q, k, v = qkv(rng, 1, seq, q_heads, kv_heads, dim)
-    u = scores_for(rng, 1, seq, kv_heads)
-    out = sk.sparsek_attention(q, k, v, u, topk=0, window=window)
+    u = random_scores(rng, 1, seq, kv_heads, scale=1.5)
+    out = sk.sparsek_attention(q, k, v, u, topk=0, window=window, **REF)
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window - 1, 0))
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -69,7 +54,7 @@ def test_sliding_window_reduction(rng, seq, q_heads, kv_heads, dim, window):
 def test_gate_none_is_hard_topk(rng):
     seq, topk, window = 30, 4, 3
     q, k, v = qkv(rng, 2, seq, 4, 2, 16)
-    u = scores_for(rng, 2, seq, 2, ties=True)
+    u = random_scores(rng, 2, seq, 2, scale=1.5, ties=True)
     mask = np.zeros((2, 2, seq, seq), bool)
     un = np.asarray(u)
     for b in range(2):
@@ -80,9 +65,10 @@ def test_gate_none_is_hard_topk(rng):
                 mask[b, h, i, list(keys)] = True
     mask = np.repeat(mask, 2, axis=1)  # kv heads -> query heads
     expected = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask))
-    out = sk.sparsek_attention(q, k, v, u, topk=topk, window=window, gate="none")
+    out = sk.sparsek_attention(q, k, v, u, topk=topk, window=window, gate="none", **REF)
     np.testing.assert_allclose(out, expected, atol=1e-5)
-    grad_u = jax.grad(lambda s: sk.sparsek_attention(q, k, v, s, topk=topk, window=window, gate="none").sum())(u)
+    hard = lambda s: sk.sparsek_attention(q, k, v, s, topk=topk, window=window, gate="none", **REF)
+    grad_u = jax.grad(lambda s: hard(s).sum())(u)
     assert np.all(np.asarray(grad_u) == 0), "gate='none' gives the scorer no gradient"
 
 
@@ -90,10 +76,10 @@ def test_gate_none_is_hard_topk(rng):
 def test_causality(rng, gate):
     seq, cut = 24, 11
     q, k, v = qkv(rng, 1, seq, 2, 1, 8)
-    u = scores_for(rng, 1, seq, 1)
-    out = sk.sparsek_attention(q, k, v, u, topk=3, window=2, gate=gate)
+    u = random_scores(rng, 1, seq, 1, scale=1.5)
+    out = sk.sparsek_attention(q, k, v, u, topk=3, window=2, gate=gate, **REF)
     later = lambda x: x.at[:, cut + 1:].set(jnp.asarray(rng.normal(size=x[:, cut + 1:].shape), x.dtype))
-    out2 = sk.sparsek_attention(later(q), later(k), later(v), later(u), topk=3, window=2, gate=gate)
+    out2 = sk.sparsek_attention(later(q), later(k), later(v), later(u), topk=3, window=2, gate=gate, **REF)
     np.testing.assert_array_equal(out[:, : cut + 1], out2[:, : cut + 1])
     assert not np.allclose(out[:, cut + 1:], out2[:, cut + 1:])
 
@@ -102,13 +88,14 @@ def test_packing_equals_separate_documents(rng):
     lengths = [9, 14, 6]
     seq = sum(lengths)
     q, k, v = qkv(rng, 1, seq, 4, 2, 8)
-    u = scores_for(rng, 1, seq, 2)
+    u = random_scores(rng, 1, seq, 2, scale=1.5)
     seg = jnp.asarray(np.repeat(np.arange(3), lengths)[None], jnp.int32)
-    packed = sk.sparsek_attention(q, k, v, u, topk=3, window=2, segment_ids=seg)
+    packed = sk.sparsek_attention(q, k, v, u, topk=3, window=2, segment_ids=seg, **REF)
     start = 0
     for n in lengths:
         piece = slice(start, start + n)
-        alone = sk.sparsek_attention(q[:, piece], k[:, piece], v[:, piece], u[:, piece], topk=3, window=2)
+        alone = sk.sparsek_attention(q[:, piece], k[:, piece], v[:, piece], u[:, piece], topk=3, window=2,
+                                     **REF)
         np.testing.assert_allclose(packed[:, piece], alone, atol=1e-6)
         start += n
 
@@ -124,7 +111,7 @@ def test_gradients_finite_differences(rng, gate):
     seq = 14
     q, k, v = qkv(rng, 1, seq, 4, 2, 8)
     u = well_separated_scores(rng, seq, 2)
-    f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=3, window=2, gate=gate)
+    f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=3, window=2, gate=gate, **REF)
     check_grads(f, (q, k, v, u), order=1, modes=("rev",), eps=1e-3, atol=2e-2, rtol=2e-2)
     grad_u = jax.grad(lambda s: jnp.sum(f(q, k, v, s) ** 2))(u)
     assert np.abs(np.asarray(grad_u)).max() > 0, "the scorer learns through the gates"
@@ -132,8 +119,8 @@ def test_gradients_finite_differences(rng, gate):
 
 def test_jit_vmap_grad(rng):
     q, k, v = qkv(rng, 2, 16, 2, 1, 8)
-    u = scores_for(rng, 2, 16, 1)
-    f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=3, window=2)
+    u = random_scores(rng, 2, 16, 1, scale=1.5)
+    f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=3, window=2, **REF)
     eager = f(q, k, v, u)
     np.testing.assert_allclose(jax.jit(f)(q, k, v, u), eager, atol=1e-6)
     mapped = jax.vmap(lambda *a: f(*(x[None] for x in a))[0])(q, k, v, u)
@@ -141,11 +128,11 @@ def test_jit_vmap_grad(rng):
     grads = jax.jit(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2, 3)))(q, k, v, u)
     assert all(g.shape == x.shape for g, x in zip(grads, (q, k, v, u)))
     assert sk.sparsek_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), u,
-                                topk=3, window=2).dtype == jnp.bfloat16
+                                topk=3, window=2, **REF).dtype == jnp.bfloat16
 
 
 def test_pattern_shapes_and_window(rng):
-    u = scores_for(rng, 2, 12, 3)
+    u = random_scores(rng, 2, 12, 3, scale=1.5)
     pattern = sk.attention_pattern(u, topk=2, window=3)
     assert pattern.window.shape == pattern.selected.shape == pattern.gates.shape == (2, 3, 12, 12)
     assert not np.any(np.asarray(pattern.window & pattern.selected))
@@ -173,4 +160,4 @@ def test_bad_input(override, match):
                 v=np.ones((2, 8, 2, 16), np.float32), scores=np.ones((2, 8, 2), np.float32), topk=2, window=2)
     args.update(override)
     with pytest.raises(ValueError, match=match):
-        sk.sparsek_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("scores"), **args)
+        sk.sparsek_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("scores"), **{**REF, **args})

@@ -6,19 +6,8 @@ import numpy as np
 import pytest
 
 import sparsek_jax as sk
+from builders import random_scores, random_segments
 from oracles import bisect_threshold, topk_newest_first
-
-
-def random_scores(rng, batch, seq, heads, *, ties=False, slope=0.0):
-    u = rng.normal(size=(batch, seq, heads)) + slope * np.arange(seq)[None, :, None]
-    if ties:
-        u = np.round(u * 2) / 2  # many exact ties
-    return jnp.asarray(u.astype(np.float32))
-
-
-def random_segments(rng, batch, seq):
-    starts = np.sort(rng.choice(np.arange(1, seq), size=min(3, seq - 1), replace=False))
-    return jnp.asarray(np.stack([np.searchsorted(starts, np.arange(seq), side="right")] * batch), jnp.int32)
 
 
 def dense_expectations(u, topk, window, segments):
@@ -56,7 +45,7 @@ def test_matches_brute_force(rng, seq, heads, topk, window, ties, segmented, blo
     u = random_scores(rng, 2, seq, heads, ties=ties)
     segments = random_segments(rng, 2, seq) if segmented else None
     tau, theta, info = sk.prefix_thresholds(u, topk=topk, window=window, segment_ids=segments,
-                                            buffer_size=seq, block_size=block, return_info=True)
+                                            buffer_size=seq, chunk_size=block, return_info=True)
     exp_tau, exp_theta, exp_selected = dense_expectations(u, topk, window, segments)
     np.testing.assert_allclose(np.asarray(tau), exp_tau, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(theta), exp_theta.astype(np.float32))
@@ -81,7 +70,7 @@ def test_monotone_counts_and_support(rng, ties):
     u = random_scores(rng, 2, seq, 3, ties=ties)
     segments = random_segments(rng, 2, seq)
     tau, theta, info = sk.prefix_thresholds(u, topk=topk, window=window, segment_ids=segments,
-                                            block_size=32, return_info=True)
+                                            chunk_size=32, return_info=True)
     tau, theta, seg = np.asarray(tau), np.asarray(theta), np.asarray(segments)
     same_doc = (seg[:, 1:] == seg[:, :-1])[..., None]
     assert np.all((tau[:, 1:] >= tau[:, :-1]) | ~same_doc), "tau must not decrease within a document"
@@ -100,7 +89,7 @@ def test_bounded_buffer_reports_inexact(rng):
     # Scores within a narrow band: many fractional gates, so a small buffer must lose keys above tau.
     seq, topk = 128, 4
     u = jnp.asarray(rng.uniform(0, 0.5, size=(1, seq, 1)).astype(np.float32))
-    tau, _, info = sk.prefix_thresholds(u, topk=topk, window=0, buffer_size=6, block_size=16, return_info=True)
+    tau, _, info = sk.prefix_thresholds(u, topk=topk, window=0, buffer_size=6, chunk_size=16, return_info=True)
     exp_tau, _, _ = dense_expectations(u, topk, 0, None)
     exact = np.asarray(info.exact)
     assert not exact.all(), "a 6-key buffer cannot hold a support of ~10 keys"
@@ -108,14 +97,14 @@ def test_bounded_buffer_reports_inexact(rng):
     np.testing.assert_allclose(np.asarray(tau)[exact & finite], exp_tau[exact & finite], atol=2e-5)
     # A position slope keeps the support near topk: the same buffer is then exact everywhere.
     u_slope = u + 0.25 * jnp.arange(seq, dtype=jnp.float32)[None, :, None]
-    _, _, info = sk.prefix_thresholds(u_slope, topk=topk, window=0, buffer_size=12, block_size=16,
+    _, _, info = sk.prefix_thresholds(u_slope, topk=topk, window=0, buffer_size=12, chunk_size=16,
                                       return_info=True)
     assert bool(info.exact.all())
 
 
 def test_num_fractional(rng):
     u = random_scores(rng, 1, 40, 1)
-    tau, _, info = sk.prefix_thresholds(u, topk=5, window=2, buffer_size=40, block_size=8, return_info=True)
+    tau, _, info = sk.prefix_thresholds(u, topk=5, window=2, buffer_size=40, chunk_size=8, return_info=True)
     uu = np.asarray(u)[0, :, 0]
     for i in range(40):
         t = float(tau[0, i, 0])
@@ -126,7 +115,7 @@ def test_num_fractional(rng):
 
 def test_jit_vmap_grad(rng):
     u = random_scores(rng, 2, 33, 2)
-    fn = lambda x: sk.prefix_thresholds(x, topk=4, window=3, block_size=8)
+    fn = lambda x: sk.prefix_thresholds(x, topk=4, window=3, chunk_size=8)
     eager = fn(u)
     jitted = jax.jit(fn)(u)
     np.testing.assert_array_equal(eager[0], jitted[0])
@@ -135,7 +124,7 @@ def test_jit_vmap_grad(rng):
     # d tau_i / d u_l = [l in M_i] / |M_i|: each row of the Jacobian sums to 1 where some candidate has a
     # fractional gate, and to 0 where none has (tau on a flat piece of f).
     jac = jax.jacrev(lambda x: fn(x)[0][0, :, 0])(u)[:, 0, :, 0]
-    _, _, info = sk.prefix_thresholds(u, topk=4, window=3, block_size=8, return_info=True)
+    _, _, info = sk.prefix_thresholds(u, topk=4, window=3, chunk_size=8, return_info=True)
     fractional = np.asarray(info.num_fractional)[0, :, 0] > 0
     np.testing.assert_allclose(np.asarray(jac).sum(-1), np.where(fractional, 1.0, 0.0), atol=1e-5)
 
@@ -181,7 +170,7 @@ def test_flat_stretches_give_the_smallest_tau(rng):
     # Widely spread scores leave gaps of more than 1 below the k-th largest: f = k on a whole interval, and
     # tau must be its left end. The breakpoint z - 1 of the k-th key sits at the interval's right end, where
     # an unclipped z - t would round just above 1; this once made the scan return the right end.
-    fn = jax.jit(lambda u: sk.prefix_thresholds(u, topk=4, window=0, block_size=8))
+    fn = jax.jit(lambda u: sk.prefix_thresholds(u, topk=4, window=0, chunk_size=8))
     for draw in range(6):
         u = jnp.asarray((rng.normal(size=(2, 24, 1)) * 3 + 0.3 * np.arange(24)[None, :, None]).astype(np.float32))
         tau, _ = fn(u)
@@ -192,7 +181,7 @@ def test_flat_stretches_give_the_smallest_tau(rng):
     u = jnp.asarray([1.9688117504119873, 0.8396244049072266, -1.7881110906600952, -1.0726420879364014,
                      0.7239075303077698, 0.19175346195697784, 3.73957896232605, -1.3926573991775513,
                      3.489962100982666, 7.291604518890381, 3.6040866374969482], jnp.float32)
-    tau, _ = jax.jit(lambda u: sk.prefix_thresholds(u, topk=4, window=0, block_size=8))(u[None, :, None])
+    tau, _ = jax.jit(lambda u: sk.prefix_thresholds(u, topk=4, window=0, chunk_size=8))(u[None, :, None])
     np.testing.assert_allclose(float(tau[0, 9, 0]), 0.8396244049072266, atol=1e-6)
 
 
@@ -206,7 +195,7 @@ def test_gpu_kernels_match_xla(seq, batch):
     u = jax.random.normal(key, (batch, seq, 12)) + 1e-3 * jnp.arange(seq)[None, :, None]
     segments = jnp.zeros((batch, seq), jnp.int32)
     run = lambda impl: blocked_thresholds(u, segments, topk=1024, window=1024, buffer_size=2048, block_size=64,
-                                          implementation=impl)
+                                          scan_block=256, implementation=impl)
     xla, gpu = run("xla"), run("pallas_gpu")
     for name in ("theta", "theta_pos", "anchors", "exact"):
         np.testing.assert_array_equal(np.asarray(getattr(gpu, name)), np.asarray(getattr(xla, name)), err_msg=name)
@@ -318,7 +307,7 @@ def test_far_scores_keep_tau_accurate(rng, far):
     u = rng.normal(size=(1, 64, 1)).astype(np.float32)
     u[0, 2, 0] = far
     u = jnp.asarray(u)
-    tau, _, info = sk.prefix_thresholds(u, topk=2, window=0, buffer_size=8, block_size=16, return_info=True)
+    tau, _, info = sk.prefix_thresholds(u, topk=2, window=0, buffer_size=8, chunk_size=16, return_info=True)
     exp_tau, _, _ = dense_expectations(u, 2, 0, None)
     ok = np.isfinite(exp_tau) & np.asarray(info.exact)
     np.testing.assert_allclose(np.asarray(tau)[ok], exp_tau[ok], atol=2e-5)
@@ -329,7 +318,7 @@ def test_fractional_count_agrees_with_tau_at_a_chunk_start():
     # so the count of 0 < u - tau < 1 is taken at the tau that is returned.
     u = jnp.asarray(np.array([-122.58437, 155.13582, -126.521774, 0.24619211, -113.69118, -5, -6, -7, -73.56559,
                               -8, -9, -10, -11, -12, -13, -14], np.float32)[None, :, None])
-    tau, _, info = sk.prefix_thresholds(u, topk=1, window=0, block_size=8, return_info=True)
+    tau, _, info = sk.prefix_thresholds(u, topk=1, window=0, chunk_size=8, return_info=True)
     t, scores = np.asarray(tau)[0, :, 0], np.asarray(u)[0, :, 0]
     want = [int(np.sum((scores[:i + 1] - t[i] > 0) & (scores[:i + 1] - t[i] < 1))) if np.isfinite(t[i]) else 0
             for i in range(16)]

@@ -16,12 +16,12 @@ from flax import nnx
 
 from sparsek_jax.nn import TransformerLM
 from sparsek_train.config import load_config
-from sparsek_train.trainer import sparsek_train
+from sparsek_train.trainer import train
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY_MODEL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-              "model.head_dim=8", "model.mlp_dim=48", "model.topk=4", "model.window=4", "model.block_size=8",
+              "model.head_dim=8", "model.mlp_dim=48", "model.topk=4", "model.window=4", "model.block_sizes.block_q=8",
               "model.buffer_size=16", "model.scan_layers=false", "model.remat=none", "model.dtype=float32"]
 
 

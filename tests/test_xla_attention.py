@@ -5,22 +5,8 @@ import numpy as np
 import pytest
 
 import sparsek_jax as sk
-from sparsek_jax import attention as attention_module
-
-
-def inputs(rng, batch, seq, q_heads, kv_heads, dim, *, ties=False, segmented=False):
-    q = rng.normal(size=(batch, seq, q_heads, dim))
-    k = rng.normal(size=(batch, seq, kv_heads, dim))
-    v = rng.normal(size=(batch, seq, kv_heads, dim))
-    u = rng.normal(size=(batch, seq, kv_heads)) * 1.5
-    if ties:
-        u = np.round(u * 2) / 2
-    seg = None
-    if segmented:
-        cuts = [np.sort(rng.choice(np.arange(3, seq - 2), size=2, replace=False)) for _ in range(batch)]
-        seg = jnp.asarray(np.stack([np.searchsorted(c, np.arange(seq), side="right") for c in cuts]), jnp.int32)
-    arrays = tuple(jnp.asarray(x.astype(np.float32)) for x in (q, k, v, u))
-    return arrays + (seg,)
+from builders import assert_matches_reference, attention_inputs, value_and_grads
+from sparsek_jax import validation
 
 
 CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented)
@@ -40,29 +26,25 @@ CASES = [  # (seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented
 @pytest.mark.parametrize("seq, q_heads, kv_heads, topk, window, gate, block, ties, segmented", CASES)
 def test_matches_reference_forward_and_gradients(rng, seq, q_heads, kv_heads, topk, window, gate, block, ties,
                                                  segmented):
-    q, k, v, u, seg = inputs(rng, 2, seq, q_heads, kv_heads, 8, ties=ties, segmented=segmented)
+    q, k, v, u, seg = attention_inputs(rng, 2, seq, q_heads, kv_heads, 8, ties=ties, segmented=segmented)
     cotangent = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
 
-    def loss(impl):
-        def f(q, k, v, u):
-            out = sk.sparsek_attention(q, k, v, u, topk=topk, window=window, gate=gate, segment_ids=seg,
-                                       implementation=impl, block_size=block)
-            return jnp.sum(out * cotangent), out
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+    def run(implementation):
+        return value_and_grads(lambda q, k, v, u: sk.sparsek_attention(
+            q, k, v, u, topk=topk, window=window, gate=gate, segment_ids=seg, implementation=implementation,
+            block_sizes=sk.BlockSizes(block_q=block)), q, k, v, u, cotangent)
 
-    (_, ref_out), ref_grads = loss("reference")(q, k, v, u)
-    (_, out), grads = loss("xla")(q, k, v, u)
-    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)
-    for name, g, ref in zip(("dq", "dk", "dv", "dscores"), grads, ref_grads):
-        np.testing.assert_allclose(g, ref, atol=5e-5, rtol=1e-4, err_msg=name)
+    got = run("xla")
+    assert_matches_reference(got, run("reference"))
     if gate != "none" and 0 < topk < seq - window:  # some query has more candidates than topk
-        assert np.abs(np.asarray(grads[3])).max() > 0
+        assert np.abs(np.asarray(got[1][3])).max() > 0
 
 
 def test_bf16_inputs(rng):
-    q, k, v, u, _ = inputs(rng, 1, 48, 4, 2, 16)
+    q, k, v, u, _ = attention_inputs(rng, 1, 48, 4, 2, 16)
     bf = lambda x: x.astype(jnp.bfloat16)
-    out = sk.sparsek_attention(bf(q), bf(k), bf(v), u, topk=4, window=4, implementation="xla", block_size=16)
+    out = sk.sparsek_attention(bf(q), bf(k), bf(v), u, topk=4, window=4, implementation="xla",
+                               block_sizes=sk.BlockSizes(block_q=16))
     ref = sk.sparsek_attention(bf(q), bf(k), bf(v), u, topk=4, window=4, implementation="reference")
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), atol=2e-2)
@@ -76,7 +58,7 @@ def test_no_quadratic_intermediate():
 
     def loss(q, k, v, u):
         return sk.sparsek_attention(q, k, v, u, topk=topk, window=window, implementation="xla",
-                                    block_size=block).sum()
+                                    block_sizes=sk.BlockSizes(block_q=block)).sum()
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
     sizes = []
@@ -97,24 +79,34 @@ def test_no_quadratic_intermediate():
     assert max(sizes) < seq * seq / 2
 
 
-def test_auto_picks_the_backends_kernels(rng, monkeypatch):
-    q, k, v, u, _ = inputs(rng, 1, 20, 2, 1, 8)
-    auto = sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="auto")
-    np.testing.assert_allclose(auto, sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla"))
+def test_auto_is_the_default_and_picks_the_backends_kernels(rng, monkeypatch):
+    q, k, v, u, _ = attention_inputs(rng, 1, 20, 2, 1, 8)
+    default = sk.sparsek_attention(q, k, v, u, topk=3, window=2)
+    np.testing.assert_array_equal(default, sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla"))
     for platform, expected in (("gpu", "pallas_gpu"), ("tpu", "pallas_tpu"), ("cpu", "xla")):
-        monkeypatch.setattr(attention_module.jax, "default_backend", lambda: platform)
-        assert attention_module._resolve_implementation("auto") == expected
+        monkeypatch.setattr(validation.jax, "default_backend", lambda: platform)
+        assert validation.resolve_implementation("auto") == expected
+        # The thresholds have no TPU kernels: their "auto" on a TPU is the XLA path.
+        assert validation.resolve_implementation("auto", ("auto", "xla", "pallas_gpu")) == expected.replace(
+            "pallas_tpu", "xla")
 
 
 def test_vmap_and_block_options(rng):
-    q, k, v, u, _ = inputs(rng, 3, 24, 2, 1, 8)
+    q, k, v, u, _ = attention_inputs(rng, 3, 24, 2, 1, 8)
     f = lambda q, k, v, u: sk.sparsek_attention(q[None], k[None], v[None], u[None], topk=3, window=2,
-                                                implementation="xla", block_size=8)[0]
+                                                implementation="xla", block_sizes=sk.BlockSizes(block_q=8))[0]
     np.testing.assert_allclose(jax.vmap(f)(q, k, v, u),
                                sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla"),
                                atol=1e-6)
-    with pytest.raises(ValueError, match="block_size: expected a positive int, received 0"):
-        sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla", block_size=0)
+    with pytest.raises(ValueError, match="BlockSizes.block_q: expected a positive int or None, received 0"):
+        sk.sparsek_attention(q, k, v, u, topk=3, window=2, block_sizes=sk.BlockSizes(block_q=0))
+    with pytest.raises(ValueError, match="BlockSizes.threshold_chunk: expected a multiple of block_q=8, received 12"):
+        sk.BlockSizes(block_q=8, threshold_chunk=12)
+    with pytest.raises(ValueError, match="BlockSizes.block_k: expected a power of two for pallas_gpu, received 24"):
+        sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="pallas_gpu", interpret=True,
+                             block_sizes=sk.BlockSizes(block_k=24))
+    with pytest.raises(ValueError, match="block_sizes: expected a BlockSizes or None, received 8"):
+        sk.sparsek_attention(q, k, v, u, topk=3, window=2, block_sizes=8)
     with pytest.raises(ValueError, match=r"buffer_size: expected at least min\(topk, seq\)=3, received 2"):
         sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla", buffer_size=2)
 

@@ -131,7 +131,7 @@ class RunConfig:
         """The ``ModelConfig`` of this run (``vocab_size`` from the tokenizer unless set)."""
         from sparsek_jax.nn.config import ModelConfig
 
-        values = dataclasses.asdict(self.model)
+        values = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(self.model)}  # not deep
         values["vocab_size"] = values["vocab_size"] or vocab_size
         try:
             return ModelConfig(**values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
 
 import sparsek_jax as sk
 from sparsek_jax import kv_cache
@@ -13,6 +14,20 @@ from sparsek_jax.nn.params import param
 from sparsek_jax.nn.rope import apply_rope
 from sparsek_jax.nn.scoring import ScoringNetwork
 from sparsek_jax.thresholds import default_buffer_size
+
+
+# Logical names of the activations' batch and head axes: under ``nnx.logical_axis_rules`` that map them to mesh
+# axes, the SparseK paths run per shard over those axes (``sk.MeshAxes``).
+BATCH_AXIS = "activation_batch"
+HEADS_AXIS = "activation_heads"
+
+
+def mesh_axes() -> sk.MeshAxes | None:
+    """The mesh axes of the activations' batch and heads under the current logical axis rules, if any."""
+    rules = dict(spmd.get_logical_axis_rules() or ())
+    if BATCH_AXIS not in rules and HEADS_AXIS not in rules:
+        return None
+    return sk.MeshAxes(batch=rules.get(BATCH_AXIS), heads=rules.get(HEADS_AXIS))
 
 
 class SparseKAttention(nnx.Module):
@@ -28,7 +43,7 @@ class SparseKAttention(nnx.Module):
         self.config = config
         self.kind = kind
         c, init = config, nnx.initializers.lecun_normal()
-        dtype = c.params_dtype
+        dtype = c.param_dtype
         self.q_proj = param(rngs, init, (c.d_model, c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"), dtype)
         self.k_proj = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
                             dtype)
@@ -61,12 +76,14 @@ class SparseKAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x ``[batch, seq, d_model]``, positions ``[batch, seq]`` int, segment_ids ``[batch, seq]`` or None."""
-        q, k, v, u = self._project(x, positions)
+        return self._attend(*self._project(x, positions), segment_ids)
+
+    def _attend(self, q, k, v, u, segment_ids):
         c = self.config
         if self.kind == "sparsek":
             out = sk.sparsek_attention(q, k, v, u, topk=c.topk, window=c.window, gate=c.gate, segment_ids=segment_ids,
-                                       scale=self.scale, implementation=c.implementation, block_size=c.block_size,
-                                       buffer_size=c.buffer_size)
+                                       scale=self.scale, implementation=c.implementation, block_sizes=c.block_sizes,
+                                       buffer_size=c.buffer_size, mesh_axes=mesh_axes())
         else:
             mask = None
             if segment_ids is not None:  # packed documents: no attention across them
@@ -91,9 +108,8 @@ class SparseKAttention(nnx.Module):
 
     def prefill(self, x, positions, cache: kv_cache.AttentionCache):
         """Full-sequence forward over a prompt that also fills ``cache`` (which must be empty)."""
-        out = self(x, positions)
-        _, k, v, u = self._project(x, positions)
-        return out, kv_cache.prefill_cache(cache, k, v, u)
+        q, k, v, u = self._project(x, positions)
+        return self._attend(q, k, v, u, None), kv_cache.prefill_cache(cache, k, v, u)
 
     def decode_step(self, x, cache: kv_cache.AttentionCache):
         """One token: x ``[batch, d_model]`` at position ``cache.length``; returns ``([batch, d_model], cache)``."""

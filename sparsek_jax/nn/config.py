@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsek_jax import validation
+from sparsek_jax.block_sizes import BlockSizes
 
 ATTENTION_KINDS = ("dense", "sliding", "sparsek")
 
@@ -36,7 +37,7 @@ class ModelConfig:
     gate: str = "value"
     implementation: str = "auto"          # sparsek_attention implementation
     dense_implementation: str | None = None  # jax.nn.dot_product_attention: None (best), "xla", "cudnn"
-    block_size: int | None = None
+    block_sizes: BlockSizes | None = None  # sparsek_attention's tiles and kernel parameters (None: defaults)
     buffer_size: int | None = None
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
@@ -68,6 +69,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.window: expected >= 1 for sliding layers, received 0")
         validation.check_choice("ModelConfig.gate", self.gate, validation.GATES)
         validation.check_choice("ModelConfig.implementation", self.implementation, validation.IMPLEMENTATIONS)
+        if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
+            raise ValueError(f"ModelConfig.block_sizes: expected a BlockSizes or None, received {self.block_sizes!r}")
         validation.check_choice("ModelConfig.dense_implementation", self.dense_implementation,
                                 (None, "xla", "cudnn"))
         for name in ("dtype", "param_dtype"):
@@ -91,6 +94,3 @@ class ModelConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)

@@ -29,9 +29,9 @@ class GatedMLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c, init = config, nnx.initializers.lecun_normal()
         self.dtype = c.compute_dtype
-        self.gate = param(rngs, init, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.params_dtype)
-        self.up = param(rngs, init, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.params_dtype)
-        self.down = param(rngs, init, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.params_dtype)
+        self.gate = param(rngs, init, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.param_dtype)
+        self.up = param(rngs, init, (c.d_model, c.mlp_dim), ("embed", "mlp"), c.param_dtype)
+        self.down = param(rngs, init, (c.mlp_dim, c.d_model), ("mlp", "embed"), c.param_dtype)
 
     def __call__(self, x):
         x = x.astype(self.dtype)
@@ -44,9 +44,9 @@ class TransformerBlock(nnx.Module):
 
     def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
         c = config
-        self.attention_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.params_dtype, rngs=rngs)
+        self.attention_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype, rngs=rngs)
         self.attention = SparseKAttention(config, kind, rngs=rngs)
-        self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.params_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype, rngs=rngs)
         self.mlp = GatedMLP(config, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids=None):
@@ -80,7 +80,7 @@ class TransformerLM(nnx.Module):
         # and the tied output gives every token, the input token included, a logit of O(1) at initialisation
         # (with std 1 the input token would get a logit of sqrt(d_model) and the initial loss would exceed ln V).
         self.embed = param(rngs, nnx.initializers.normal(c.d_model ** -0.5), (c.vocab_size, c.d_model),
-                           ("vocab", "embed"), c.params_dtype)
+                           ("vocab", "embed"), c.param_dtype)
         if c.scan_layers:
             kind = c.layer_kinds[0]
 
@@ -92,9 +92,9 @@ class TransformerLM(nnx.Module):
             self.blocks = stacked(rngs)
         else:
             self.blocks = nnx.List([TransformerBlock(config, kind, rngs=rngs) for kind in c.layer_kinds])
-        self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.params_dtype, rngs=rngs)
+        self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype, rngs=rngs)
         self.unembed = None if c.tie_embeddings else param(
-            rngs, nnx.initializers.lecun_normal(), (c.d_model, c.vocab_size), ("embed", "vocab"), c.params_dtype)
+            rngs, nnx.initializers.lecun_normal(), (c.d_model, c.vocab_size), ("embed", "vocab"), c.param_dtype)
 
     def _embed(self, tokens):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)

@@ -1,0 +1,67 @@
+"""Tile and kernel sizes of the blocked paths: one frozen dataclass with a default per implementation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["BlockSizes"]
+
+# Per implementation: (block_q, block_k, blocks_per_group, threshold_chunk, num_warps, num_stages). The GPU
+# values are the fastest measured on the H200 (docs/kernels.md); TPU blocks are 128 lanes wide.
+_DEFAULTS = {
+    "xla": (64, None, None, 256, None, None),
+    "pallas_gpu": (64, 32, 16, 256, 4, 2),
+    "pallas_tpu": (64, 128, 16, 256, None, None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """How the blocked paths cut the work. ``None`` fields take the implementation's default
+    (``BlockSizes.default(implementation)``); fields an implementation does not use are ignored.
+
+    block_q: queries per tile; every query block shares one gathered tile of keys and one anchor list.
+    block_k: keys per kernel step (Pallas GPU: a power of two; Pallas TPU: a multiple of 8, 128 on hardware).
+    blocks_per_group: query blocks per super-block of the kernels' key-major backward pass.
+    threshold_chunk: keys per lane of the thresholds' event simulation; a multiple of ``block_q``
+      (shortened for short sequences).
+    num_warps, num_stages: Triton launch parameters of the GPU attention kernels.
+    """
+
+    block_q: int | None = None
+    block_k: int | None = None
+    blocks_per_group: int | None = None
+    threshold_chunk: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"BlockSizes.{field.name}: expected a positive int or None, received {value!r}")
+        if self.block_q and self.threshold_chunk and self.threshold_chunk % self.block_q:
+            raise ValueError(f"BlockSizes.threshold_chunk: expected a multiple of block_q={self.block_q}, "
+                             f"received {self.threshold_chunk}")
+
+    @classmethod
+    def default(cls, implementation: str) -> "BlockSizes":
+        """The defaults of ``"xla"``, ``"pallas_gpu"`` or ``"pallas_tpu"``."""
+        if implementation not in _DEFAULTS:
+            raise ValueError(f"implementation: expected one of {', '.join(map(repr, _DEFAULTS))}, "
+                             f"received {implementation!r}")
+        return cls(*_DEFAULTS[implementation])
+
+    def resolve(self, implementation: str, seq: int) -> "BlockSizes":
+        """Every field set: this object's values, the implementation's defaults for the rest. A default
+        ``threshold_chunk`` is rounded up to whole query blocks and no longer than ``seq`` needs."""
+        defaults = BlockSizes.default(implementation)
+        values = {f.name: getattr(defaults, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+                  for f in dataclasses.fields(self)}
+        if self.threshold_chunk is None:
+            block = values["block_q"]
+            values["threshold_chunk"] = max(1, min(-(-values["threshold_chunk"] // block), -(-seq // block))) * block
+        resolved = BlockSizes(**values)
+        if implementation == "pallas_gpu" and resolved.block_k & (resolved.block_k - 1):
+            raise ValueError(f"BlockSizes.block_k: expected a power of two for pallas_gpu, received {resolved.block_k}")
+        return resolved
