@@ -3,6 +3,7 @@ fake devices, signals and bad configs."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,10 +118,10 @@ def test_resumed_run_has_the_same_losses(corpus, tmp_path):
 SHARDED_SCRIPT = r"""
 import json, sys
 import jax
-from jax.sharding import PartitionSpec as P
 from sparsek_jax import data
 from sparsek_train import app
 from sparsek_train.config import load_config
+from sparsek_train.sharding import activate
 from sparsek_train.trainer import make_train_step
 config = load_config(sys.argv[1], sys.argv[2:])
 session = app.build_session(config, with_optimizer=True, log=lambda m: None)
@@ -130,19 +131,25 @@ specs = {"q_proj": attention.q_proj[...].sharding.spec, "embed": session.model.e
 packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
 iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=0))
 step = make_train_step(config.train.accumulate)
-with jax.set_mesh(session.mesh):
+with activate(session.mesh):
     losses = []
     for _ in range(2):
         batch = data.global_batch(next(iterator), session.batch_sharding)
+        if not losses:
+            hlo = step.lower(session.model, session.optimizer, batch).compile().as_text()
         losses.append(float(step(session.model, session.optimizer, batch)["loss"]))
     specs["batch"] = batch["inputs"].sharding.spec
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(session.mesh.shape), "losses": losses,
-                  "specs": {k: str(v) for k, v in specs.items()}}))
+                  "specs": {k: str(v) for k, v in specs.items()},
+                  "lines": [l for l in hlo.splitlines() if " all-gather" in l]}))
 """
 
 
-def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path):
+@pytest.mark.parametrize("kernels", ["xla", "pallas_gpu_interpret"])
+def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernels):
     overrides = run_overrides(corpus, tmp_path / "data", tmp_path / "run", **{"data.batch_size": 8})
+    if kernels == "pallas_gpu_interpret":
+        overrides += ["model.implementation=pallas_gpu", "model.interpret=true", "model.num_layers=1"]
 
     def run(devices, mesh):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -158,6 +165,16 @@ def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path):
     assert sharded["specs"] == {"q_proj": "P('fsdp', 'tensor')", "embed": "P('tensor', 'fsdp')",
                                 "w_score": "P('fsdp', 'tensor')", "mlp_down": "P('tensor', 'fsdp')",
                                 "batch": "P(('data', 'fsdp'),)"}
+    # The attention runs per shard: nothing inside it is all-gathered, and no forward all-gather makes a q/k/v
+    # or scores-shaped activation ([batch, 32 tokens, heads, 8] / [batch, 32, heads]) larger on any device.
+    # (The backward gathers dk over the fsdp axis for the projections' weight gradients, outside the attention.)
+    inside = ("thresholds", "build_tiles", "tile_attention", "tile_gradients", "key_gradient_sums",
+              "scores_gradient", "sparsek_")
+    for line in sharded["lines"]:
+        shape = re.search(r"= (\w+\[[\d,]*\])", line).group(1)
+        op_name = re.search(r'op_name="([^"]*)"', line).group(1)
+        assert not any(name in op_name for name in inside), line[:300]
+        assert "transpose(" in op_name or not re.fullmatch(r"(f32|bf16)\[\d+,32,[124](,8)?\]", shape), line[:300]
     single = run(1, [])
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-4)
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from sparsek_train.checkpointing import RunCheckpoints, resolve_checkpoint
 from sparsek_train.config import ConfigError, RunConfig, load_config
-from sparsek_train.sharding import batch_sharding, create_sharded, make_mesh
+from sparsek_train.sharding import activate, batch_sharding, create_sharded, make_mesh
 
 
 def parse_config(prog: str, description: str, argv=None) -> tuple[RunConfig | None, int]:
@@ -97,7 +97,7 @@ def load_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Sessi
     directory, step = resolve_checkpoint(config.checkpoint)
     session = build_session(config, with_optimizer=with_optimizer, log=log)
     checkpoints = RunCheckpoints(directory, read_only=True)
-    with jax.set_mesh(session.mesh):
+    with activate(session.mesh):
         checkpoints.restore(step, session.model, session.optimizer)
     checkpoints.close()
     session.step = step

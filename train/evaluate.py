@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from sparsek_jax import data
+from sparsek_train.sharding import activate
 
 
 def bucket_edges(length: int) -> list[int]:
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     for length in lengths:
         windows = data.DocumentWindows(split, length, max_windows_per_doc=config.eval.max_windows_per_doc)
         print(f"evaluating {len(windows)} windows of {length} tokens ...", flush=True)
-        with jax.set_mesh(session.mesh):
+        with activate(session.mesh):
             results.append(evaluate(session.model, windows, batch_size=config.eval.batch_size,
                                     bytes_per_token=split.bytes_per_token, sharding=session.batch_sharding))
     output = Path(config.eval.output) if config.eval.output else session.run_dir / "eval.json"

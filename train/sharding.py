@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sparsek_jax.nn.attention import BATCH_AXIS, HEADS_AXIS
 from sparsek_train.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical parameter axes -> mesh axes. Embedding dims are sharded FSDP-style; heads and the MLP's hidden
-# dim along the tensor axis; the batch along data and fsdp.
+# Logical axes -> mesh axes. Embedding dims are sharded FSDP-style; heads and the MLP's hidden dim along the
+# tensor axis; the batch along data and fsdp. The activation names tell the SparseK layers which mesh axes
+# their inputs are split over, so that the kernels run per shard.
 LOGICAL_RULES = (
+    (BATCH_AXIS, ("data", "fsdp")),
+    (HEADS_AXIS, "tensor"),
     ("layers", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -49,6 +55,13 @@ def make_mesh(config: MeshConfig) -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+@contextlib.contextmanager
+def activate(mesh):
+    """The mesh and the logical axis rules, for tracing and running sharded steps."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
+        yield
+
+
 def batch_sharding(mesh) -> NamedSharding:
     """Batches are split over the data and fsdp axes."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -57,7 +70,7 @@ def batch_sharding(mesh) -> NamedSharding:
 def create_sharded(mesh, build):
     """Runs ``build()`` (returning NNX objects, e.g. ``(model, optimizer)``) under ``jit`` so that every
     variable is created directly with the sharding its logical axes map to."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
+    with activate(mesh):
         @nnx.jit
         def create():
             objects = build()

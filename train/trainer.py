@@ -21,6 +21,7 @@ from flax import nnx
 
 from sparsek_jax import data
 from sparsek_train import app
+from sparsek_train.sharding import activate
 from sparsek_train.checkpointing import RunCheckpoints
 from sparsek_train.config import ConfigError, RunConfig, dump_config
 from sparsek_train.evaluate import evaluate, make_eval_step
@@ -97,7 +98,7 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
 
     step = 0
     latest = checkpoints.latest_step()
-    with jax.set_mesh(session.mesh):
+    with activate(session.mesh):
         if latest is not None:
             data_state, meta = checkpoints.restore(latest, session.model, session.optimizer)
             iterator.set_state(data_state)
@@ -121,7 +122,7 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
     interval_start, interval_steps = time.perf_counter(), 0
     last = {}
     try:
-        with jax.set_mesh(session.mesh):
+        with activate(session.mesh):
             while step < t.steps and stop.signal is None:
                 batch = data.global_batch(next(iterator), session.batch_sharding)
                 out = train_step(session.model, session.optimizer, batch)

@@ -83,7 +83,7 @@ class SparseKAttention(nnx.Module):
         if self.kind == "sparsek":
             out = sk.sparsek_attention(q, k, v, u, topk=c.topk, window=c.window, gate=c.gate, segment_ids=segment_ids,
                                        scale=self.scale, implementation=c.implementation, block_sizes=c.block_sizes,
-                                       buffer_size=c.buffer_size, mesh_axes=mesh_axes())
+                                       buffer_size=c.buffer_size, interpret=c.interpret, mesh_axes=mesh_axes())
         else:
             mask = None
             if segment_ids is not None:  # packed documents: no attention across them

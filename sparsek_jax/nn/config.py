@@ -38,6 +38,7 @@ class ModelConfig:
     implementation: str = "auto"          # sparsek_attention implementation
     dense_implementation: str | None = None  # jax.nn.dot_product_attention: None (best), "xla", "cudnn"
     block_sizes: BlockSizes | None = None  # sparsek_attention's tiles and kernel parameters (None: defaults)
+    interpret: bool = False        # Pallas kernels in interpret mode (tests and debugging on CPU)
     buffer_size: int | None = None
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
