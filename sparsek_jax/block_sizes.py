@@ -7,7 +7,7 @@ import dataclasses
 __all__ = ["BlockSizes"]
 
 # Per implementation: (block_q, block_k, blocks_per_group, threshold_chunk, num_warps, num_stages). The GPU
-# values are the fastest measured on the H200 (docs/kernels.md); TPU blocks are 128 lanes wide.
+# values come from the tuning runs in docs/kernels.md; TPU blocks are 128 lanes wide.
 _DEFAULTS = {
     "xla": (64, None, None, 256, None, None),
     "pallas_gpu": (64, 32, 16, 256, 4, 2),

@@ -114,8 +114,8 @@ def test_one_training_step_moves_the_scorer(rng):
     loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
     nnx.jit(lambda opt, m, g: opt.update(m, g))(optimizer, model, grads)
     assert np.isfinite(float(loss))
-    for block, old in zip(model.blocks, before):
-        assert np.abs(np.asarray(grads["blocks"][0]["attention"]["scorer"]["w_score"][...])).max() > 0
+    for index, (block, old) in enumerate(zip(model.blocks, before)):
+        assert np.abs(np.asarray(grads["blocks"][index]["attention"]["scorer"]["w_score"][...])).max() > 0
         assert not np.allclose(np.asarray(block.attention.scorer.w_score[...]), old)
 
 

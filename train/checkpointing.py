@@ -48,9 +48,6 @@ class RunCheckpoints:
             nnx.update(targets[name], state)
         return restored["data"], restored["meta"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

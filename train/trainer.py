@@ -21,11 +21,11 @@ from flax import nnx
 
 from sparsek_jax import data
 from sparsek_train import app
-from sparsek_train.sharding import activate
 from sparsek_train.checkpointing import RunCheckpoints
 from sparsek_train.config import ConfigError, RunConfig, dump_config
 from sparsek_train.evaluate import evaluate, make_eval_step
 from sparsek_train.metrics import MetricsWriter, Progress, peak_flops, training_flops_per_token
+from sparsek_train.sharding import activate
 
 
 def next_token_loss(model, batch):
@@ -78,6 +78,36 @@ class _StopRequest:
             signal.signal(s, handler)
 
 
+class _Evaluation:
+    """Held-out evaluation during and after training, written to the metrics."""
+
+    def __init__(self, session, metrics: MetricsWriter):
+        config = session.config
+        self.session, self.metrics = session, metrics
+        self.split = session.prepared.splits["validation"]
+        self.windows = data.DocumentWindows(self.split, config.data.eval_seq_len)
+        self.step_fn = make_eval_step()
+
+    def __call__(self, step: int) -> dict:
+        config = self.session.config
+        result = evaluate(self.session.model, self.windows, batch_size=config.data.eval_batch_size,
+                          bytes_per_token=self.split.bytes_per_token, sharding=self.session.batch_sharding,
+                          max_batches=config.train.eval_batches, step_fn=self.step_fn)
+        self.metrics.write({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+                            "eval_bits_per_byte": result["bits_per_byte"]})
+        return result
+
+
+def _describe(session, packed, log) -> float:
+    """Logs the model and the mesh; returns the training FLOPs per step (for MFU)."""
+    config, model_cfg = session.config, session.model_config
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(session.model, nnx.Param)))
+    log(f"model: {params / 1e6:.2f}M parameters, layers {model_cfg.layer_kinds}, mesh "
+        f"{dict(session.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"{len(packed):,} training sequences of {config.data.seq_len} tokens")
+    return training_flops_per_token(model_cfg, config.data.seq_len) * config.data.batch_size * config.data.seq_len
+
+
 def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
     """Runs (or resumes) training; returns a summary. Raises ``ConfigError`` / ``ValueError`` on bad input."""
     if config.train.distributed:
@@ -89,38 +119,28 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
     if is_main:
         (run_dir / "config.yaml").write_text(dump_config(config))
     t = config.train
-    prepared = session.prepared
-    packed = data.PackedSequences(prepared.splits["train"], config.data.seq_len)
-    batches = data.training_batches(packed, global_batch_size=config.data.batch_size, seed=config.data.seed)
-    iterator = iter(batches)
+    packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
+    iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=config.data.seed))
     checkpoints = RunCheckpoints(run_dir / "checkpoints", keep=t.keep_checkpoints, asynchronous=t.async_checkpoints)
     metrics = MetricsWriter(run_dir, tensorboard=t.tensorboard, enabled=is_main)
 
     step = 0
     latest = checkpoints.latest_step()
-    with activate(session.mesh):
-        if latest is not None:
+    if latest is not None:
+        with activate(session.mesh):
             data_state, meta = checkpoints.restore(latest, session.model, session.optimizer)
-            iterator.set_state(data_state)
-            step = meta["step"]
-            log(f"resumed from {run_dir / 'checkpoints' / str(latest)} at step {step}")
-    model_cfg = session.model_config
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(session.model, nnx.Param)))
+        iterator.set_state(data_state)
+        step = meta["step"]
+        log(f"resumed from {run_dir / 'checkpoints' / str(latest)} at step {step}")
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_per_step = training_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
-    peak = peak_flops()
-    log(f"model: {params / 1e6:.2f}M parameters, layers {model_cfg.layer_kinds}, mesh "
-        f"{dict(session.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
-        f"{len(packed):,} training sequences of {config.data.seq_len} tokens")
-
+    flops_per_step, peak = _describe(session, packed, log), peak_flops()
     schedule = app.learning_rate_schedule(config)
     train_step = make_train_step(t.accumulate)
-    eval_step = make_eval_step()
-    eval_windows = data.DocumentWindows(prepared.splits["validation"], config.data.eval_seq_len)
+    evaluation = _Evaluation(session, metrics)
     stop = _StopRequest()
     progress = Progress(t.steps, step, enabled=is_main and show_progress)
     interval_start, interval_steps = time.perf_counter(), 0
-    last = {}
+    last, final = {}, None
     try:
         with activate(session.mesh):
             while step < t.steps and stop.signal is None:
@@ -132,31 +152,22 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
                     loss = float(out["loss"])  # waits for the step
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
-                    record = {"step": step, "loss": loss, "grad_norm": float(out["grad_norm"]),
-                              "learning_rate": float(schedule(step - 1)),
-                              "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
-                              "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
-                                      if peak else None)}
-                    metrics.write(record)
+                    last = {"step": step, "loss": loss, "grad_norm": float(out["grad_norm"]),
+                            "learning_rate": float(schedule(step - 1)),
+                            "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
+                            "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
+                                    if peak else None)}
+                    metrics.write(last)
                     progress.update(interval_steps, loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                    interval_start, interval_steps, last = time.perf_counter(), 0, record
+                    interval_start, interval_steps = time.perf_counter(), 0
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                    result = evaluate(session.model, eval_windows, batch_size=config.data.eval_batch_size,
-                                      bytes_per_token=prepared.splits["validation"].bytes_per_token,
-                                      sharding=session.batch_sharding, max_batches=t.eval_batches, step_fn=eval_step)
-                    metrics.write({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-                                   "eval_bits_per_byte": result["bits_per_byte"]})
+                    evaluation(step)
                 if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
                     checkpoints.save(step, session.model, session.optimizer, iterator.get_state(),
                                      {"step": step, "seed": t.seed}, force=True)
             interrupted = stop.signal is not None and step < t.steps
-            final = None
             if not interrupted:
-                final = evaluate(session.model, eval_windows, batch_size=config.data.eval_batch_size,
-                                 bytes_per_token=prepared.splits["validation"].bytes_per_token,
-                                 sharding=session.batch_sharding, max_batches=t.eval_batches, step_fn=eval_step)
-                metrics.write({"step": step, "eval_loss": final["loss"], "eval_perplexity": final["perplexity"],
-                               "eval_bits_per_byte": final["bits_per_byte"]})
+                final = evaluation(step)
     finally:
         progress.close()
         stop.restore()

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsek_jax import kv_cache
 from sparsek_jax.nn.attention import SparseKAttention
 from sparsek_jax.nn.config import ModelConfig
 from sparsek_jax.nn.params import param
+
+__all__ = ["RMSNorm", "GatedMLP", "TransformerBlock", "TransformerLM", "cache_nbytes"]
 
 
 class RMSNorm(nnx.Module):
@@ -178,5 +179,3 @@ def cache_nbytes(cache) -> int:
     """Bytes held by a model's cache (any nesting of ``AttentionCache``)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
-
-__all__ = ["RMSNorm", "GatedMLP", "TransformerBlock", "TransformerLM", "cache_nbytes", "kv_cache"]
