@@ -31,7 +31,7 @@ tour: venv
 	$(PY) -m sparsek_jax.demo --out runs/tour
 
 test: venv
-	$(PY) -m pytest -n 2 -m "not gpu and not tpu" tests
+	$(PY) -m pytest -n 2 -m "not gpu and not tpu" --durations=12 tests
 
 clean:
 	rm -rf $(VENV) runs
