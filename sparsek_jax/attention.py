@@ -14,7 +14,7 @@ from sparsek_jax import validation
 from sparsek_jax.block_sizes import BlockSizes
 from sparsek_jax.blocked import MeshAxes, blocked_attention
 from sparsek_jax.reference import reference_attention
-from sparsek_jax.thresholds import default_buffer_size
+from sparsek_jax.thresholds import default_buffer_size, document_index
 
 __all__ = ["sparsek_attention"]
 
@@ -36,13 +36,17 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
       q: ``[batch, seq, q_heads, head_dim]``.
       k: ``[batch, seq, kv_heads, head_dim]``; ``q_heads`` must be a multiple of ``kv_heads``.
       v: ``[batch, seq, kv_heads, head_dim]``.
-      scores: ``[batch, seq, kv_heads]`` key importance scores ``u`` (float32 inside; finite).
+      scores: ``[batch, seq, kv_heads]`` key importance scores ``u`` (float32 inside). They must be finite:
+        concrete arrays with a non-finite entry are rejected; under a trace the query heads of such a row
+        output NaN (every implementation alike). Gates are computed in float32, so their resolution is that
+        of float32 at the scores' magnitude (docs/operator.md, "Input contract").
       topk: ``k >= 0`` selected keys per query beyond the window (0: plain sliding window).
       window: ``w >= 0`` sliding-window length (0: pure SparseK).
       gate: ``"value"`` (weights ``softmax * m``, the default), ``"logit"`` (``log m`` added to the logits)
         or ``"none"`` (hard top-k; the scores then get no gradient).
-      segment_ids: optional int ``[batch, seq]``; no attention and no selection across documents. Segments
-        must be contiguous runs (as produced by packing).
+      segment_ids: optional int ``[batch, seq]``; no attention and no selection across documents. Documents
+        are contiguous runs (as packing produces): concrete ids that come back after another id are rejected;
+        under a trace every change of id starts a new document.
       scale: logit scale, default ``1 / sqrt(head_dim)``.
       implementation: ``"auto"`` (the default: ``pallas_gpu`` on GPUs, ``pallas_tpu`` on TPUs, ``xla``
         elsewhere), ``"xla"`` (blocked and gathered, O(seq (topk + block_q + window)) memory and time,
@@ -64,7 +68,10 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
     window = validation.check_nonnegative_int("window", window)
     validation.check_choice("gate", gate, validation.GATES)
     implementation = validation.resolve_implementation(implementation)
-    scale = 1.0 / float(head_dim) ** 0.5 if scale is None else float(scale)
+    validation.check_backend(implementation, interpret)
+    validation.check_finite("scores", scores)
+    validation.check_segment_runs(segment_ids)
+    scale = 1.0 / float(head_dim) ** 0.5 if scale is None else validation.check_scale(scale)
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes: expected a BlockSizes or None, received {block_sizes!r}")
     if buffer_size is not None:
@@ -72,12 +79,15 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
         if buffer_size < min(max(topk, 1), seq):
             raise ValueError(f"buffer_size: expected at least min(topk, seq)={min(topk, seq)}, "
                              f"received {buffer_size}")
-    if implementation == "reference":
-        return reference_attention(q, k, v, scores, segment_ids, topk=topk, window=window, gate=gate, scale=scale)
     segments = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
-                else jnp.asarray(segment_ids, jnp.int32))
-    return blocked_attention(q, k, v, scores, segments, topk=topk, window=window, gate=gate, scale=scale,
-                             implementation=implementation,
-                             block_sizes=(block_sizes or BlockSizes()).resolve(implementation, seq),
-                             buffer_size=default_buffer_size(max(topk, 1), seq) if buffer_size is None else buffer_size,
-                             interpret=interpret, mesh_axes=mesh_axes)
+                else document_index(jnp.asarray(segment_ids, jnp.int32)))
+    if implementation == "reference":
+        out = reference_attention(q, k, v, scores, segments, topk=topk, window=window, gate=gate, scale=scale)
+    else:
+        out = blocked_attention(q, k, v, scores, segments, topk=topk, window=window, gate=gate, scale=scale,
+                                implementation=implementation,
+                                block_sizes=(block_sizes or BlockSizes()).resolve(implementation, seq),
+                                buffer_size=default_buffer_size(max(topk, 1), seq) if buffer_size is None
+                                else buffer_size, interpret=interpret, mesh_axes=mesh_axes)
+    bad = jnp.repeat(validation.nonfinite_rows(scores), q.shape[2] // k.shape[2], axis=1)  # [batch, q_heads]
+    return jnp.where(bad[:, None, :, None], jnp.asarray(jnp.nan, out.dtype), out)

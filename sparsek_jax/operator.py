@@ -17,9 +17,11 @@ The same routine (``threshold_of_sorted``) serves the dense operator here and th
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
@@ -99,16 +101,28 @@ def _masked(z, mask):
 def _check_budget(k):
     if isinstance(k, bool) or (isinstance(k, numbers.Number) and not isinstance(k, numbers.Real)):
         raise ValueError(f"k: expected a positive int or float, received {k!r}")
-    if isinstance(k, numbers.Real) and not k > 0:
+    if isinstance(k, numbers.Real) and not (k > 0 and math.isfinite(k)):
         raise ValueError(f"k: expected a positive int or float, received {k!r}")
+    if not isinstance(k, numbers.Real) and not isinstance(k, jax.core.Tracer):
+        values = np.asarray(k)
+        if not np.issubdtype(values.dtype, np.number) or values.dtype == bool:
+            raise ValueError(f"k: expected positive numbers, received an array of dtype {values.dtype}")
+        bad = ~(np.isfinite(values) & (values > 0))
+        if bad.any():
+            raise ValueError(f"k: expected positive finite budgets, received {values[bad].ravel()[0].item()!r} "
+                             f"({int(bad.sum())} of {values.size} entries)")
 
 
 def _check_operand(z, mask):
-    z = jnp.asarray(z)
-    if z.ndim < 1:
-        raise ValueError(f"z: expected an array with at least one axis, received shape {z.shape}")
+    z = jnp.asarray(z) if not isinstance(z, jax.core.Tracer) else z
+    if z.ndim < 1 or z.shape[-1] == 0:
+        raise ValueError(f"z: expected an array with at least one entry along its last axis, received shape "
+                         f"{z.shape}")
     if not jnp.issubdtype(z.dtype, jnp.floating):
         raise ValueError(f"z: expected a floating-point array, received dtype {z.dtype}")
+    if not isinstance(z, jax.core.Tracer) and bool(jnp.isnan(z).any()):
+        raise ValueError(f"z: expected no NaN entries (mask entries out with mask=), received "
+                         f"{int(jnp.isnan(z).sum())} NaN")
     if mask is not None:
         mask_shape = jnp.shape(mask)
         try:
@@ -142,13 +156,22 @@ def sparsek_threshold(z: jax.Array, k, *, mask: jax.Array | None = None) -> jax.
     """
     _check_budget(k)
     _check_operand(z, mask)
-    return _rowwise_threshold(_masked(z, mask), k)
+    z32 = _masked(z, mask)
+    return jnp.where(_invalid_rows(z32, k), jnp.nan, _rowwise_threshold(z32, k))
+
+
+def _invalid_rows(z32, k):
+    """Rows whose budget is not a positive finite number or that hold a NaN score: under a trace they cannot
+    be rejected, so their output is NaN (never silently zeros or ones)."""
+    k = jnp.asarray(k, jnp.float32)
+    return ~(jnp.isfinite(k) & (k > 0)) | jnp.any(jnp.isnan(z32), axis=-1)
 
 
 @jax.custom_vjp
 def _sparsek(z32, k):
     tau = _rowwise_threshold(z32, k)
-    return jnp.where(z32 > -jnp.inf, jnp.clip(z32 - tau[..., None], 0.0, 1.0), 0.0)
+    p = jnp.where(z32 > -jnp.inf, jnp.clip(z32 - tau[..., None], 0.0, 1.0), 0.0)
+    return jnp.where(_invalid_rows(z32, k)[..., None], jnp.nan, p)
 
 
 def _sparsek_fwd(z32, k):

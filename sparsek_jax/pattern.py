@@ -15,6 +15,7 @@ from jax import lax
 
 from sparsek_jax import validation
 from sparsek_jax.operator import sparsek
+from sparsek_jax.thresholds import document_index
 from sparsek_kernels.common import is_selected
 
 __all__ = ["AttentionPattern", "attention_pattern"]
@@ -48,7 +49,8 @@ def attention_pattern(scores: jax.Array, *, topk: int, window: int,
     j = jnp.arange(seq)[None, :]
     same_doc = jnp.ones((batch, 1, seq, seq), bool)
     if segment_ids is not None:
-        same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        docs = document_index(jnp.asarray(segment_ids))
+        same_doc = (docs[:, :, None] == docs[:, None, :])[:, None]
     in_window = same_doc & (j <= i) & (j > i - window)
     candidate = same_doc & (j <= i - window)
     candidate = jnp.broadcast_to(candidate, (batch, kv_heads, seq, seq))
@@ -70,4 +72,5 @@ def attention_pattern(scores: jax.Array, *, topk: int, window: int,
         selected = candidate & is_selected(lax.stop_gradient(u_rows), positions, theta, theta_pos)
         gates = jnp.where(selected, sparsek(u_rows, topk, mask=candidate), 0.0)
     gates = jnp.where(in_window, 1.0, gates)
+    gates = jnp.where(validation.nonfinite_rows(scores)[:, :, None, None], jnp.nan, gates)
     return AttentionPattern(in_window, selected, gates)

@@ -391,10 +391,11 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
     given; segments must be contiguous runs, as packing produces).
 
     Args:
-      scores: ``[batch, seq, kv_heads]`` key scores ``u`` (any float dtype; float32 inside; finite).
+      scores: ``[batch, seq, kv_heads]`` key scores ``u`` (any float dtype; float32 inside). Finite: concrete
+        arrays with a non-finite entry are rejected; under a trace such a row gets NaN thresholds.
       topk: budget ``k >= 0`` (Python int).
       window: sliding-window length ``w >= 0``; the window's keys are not candidates.
-      segment_ids: optional int ``[batch, seq]`` document ids.
+      segment_ids: optional int ``[batch, seq]`` document ids, contiguous runs (see ``sparsek_attention``).
       buffer_size: ``R >= topk``, the bounded buffer of top scores (default ``default_buffer_size``).
       chunk_size: keys per chunk (one lane of the event simulation each; default 256, at most ``seq``).
       return_info: also return a ``ThresholdInfo``.
@@ -434,9 +435,11 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
         return (tau, tau, info) if return_info else (tau, tau)
 
     segments = (jnp.zeros((batch, seq), jnp.int32) if segment_ids is None
-                else jnp.asarray(segment_ids, jnp.int32))
+                else document_index(jnp.asarray(segment_ids, jnp.int32)))
     options = _Options(topk, window, buffer_size, chunk_size, implementation, interpret)
     tau, theta, theta_pos, num_fractional, exact = _differentiable_thresholds(scores, segments, options)
+    bad = validation.nonfinite_rows(scores)[:, None, :]  # the finite-scores contract, broken: NaN
+    tau, theta = (jnp.where(bad, jnp.nan, x) for x in (tau, theta))
     if return_info:
         return tau, theta, ThresholdInfo(theta_pos, num_fractional, exact)
     return tau, theta

@@ -65,6 +65,8 @@ def check_attention_inputs(q, k, v, scores, segment_ids) -> tuple[int, int, int,
     for name, x in (("q", q), ("k", k), ("v", v), ("scores", scores)):
         check_float(name, x)
     batch, seq, q_heads, head_dim = np.shape(q)
+    if head_dim < 1:
+        raise ValueError(f"q: expected head_dim >= 1, received shape {tuple(np.shape(q))}")
     kv_shape = np.shape(k)
     if kv_shape[0] != batch or kv_shape[1] != seq or kv_shape[3] != head_dim:
         raise ValueError(
@@ -100,6 +102,8 @@ def check_selection_args(scores, topk, window, segment_ids) -> tuple[int, int]:
     window = check_nonnegative_int("window", window)
     batch, seq, _ = np.shape(scores)
     check_segment_ids(segment_ids, batch, seq)
+    check_finite("scores", scores)
+    check_segment_runs(segment_ids)
     return topk, window
 
 
@@ -111,3 +115,61 @@ def resolve_implementation(implementation: str, choices: Sequence[str] = IMPLEME
         return implementation
     best = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
     return best if best in choices else "xla"
+
+
+def is_concrete(x) -> bool:
+    """Whether ``x`` holds values now (not a tracer under jit/vmap/grad), so that a check can read them."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_finite(name: str, x) -> None:
+    """Non-finite entries of a concrete array are rejected (under a trace the callers make them loud: NaN)."""
+    if not is_concrete(x):
+        return
+    values = np.asarray(x)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: expected finite values, received {int(bad.sum())} non-finite (first at index "
+                         f"{first}: {values[first]})")
+
+
+def check_segment_runs(segment_ids) -> None:
+    """Document ids must be contiguous runs in each row (as packing produces): an id may not come back after
+    another one. Checked on concrete arrays; under a trace every change of id starts a new document."""
+    if segment_ids is None or not is_concrete(segment_ids):
+        return
+    ids = np.asarray(segment_ids)
+    for row, values in enumerate(ids):
+        starts = np.concatenate([[True], values[1:] != values[:-1]])
+        run_ids = values[starts]
+        if len(np.unique(run_ids)) != len(run_ids):
+            seen, position = set(), 0
+            for position, value in enumerate(values):
+                if starts[position]:
+                    if value in seen:
+                        break
+                    seen.add(value)
+            raise ValueError(f"segment_ids: expected contiguous runs (each document id in one run per row), "
+                             f"received id {values[position]} again at row {row}, position {position}")
+
+
+def nonfinite_rows(scores):
+    """bool ``[batch, kv_heads]``: the rows of ``scores [batch, seq, kv_heads]`` that break the finite-scores
+    contract. The public functions return NaN for them, on every path."""
+    return ~jnp.all(jnp.isfinite(jnp.asarray(scores, jnp.float32)), axis=1)
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite number, received {scale!r}")
+    return float(scale)
+
+
+def check_backend(implementation: str, interpret: bool) -> None:
+    """The Pallas paths compile for their own backend only; elsewhere they need interpret mode."""
+    needs = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(implementation)
+    if needs and not interpret and jax.default_backend() != needs:
+        raise ValueError(f"implementation: {implementation!r} needs a {needs.upper()} (the default backend is "
+                         f"{jax.default_backend()!r}); pass interpret=True to run its kernels in interpret mode, "
+                         f"or implementation='auto'")

@@ -17,7 +17,8 @@ from sparsek_train.config import ConfigError, RunConfig, load_config
 from sparsek_train.sharding import activate, batch_sharding, create_sharded, make_mesh
 
 
-def parse_config(prog: str, description: str, argv=None) -> tuple[RunConfig | None, int]:
+def parse_config(prog: str, description: str, argv=None, *, require: tuple[str, ...] = ()
+                 ) -> tuple[RunConfig | None, int]:
     """``PROG CONFIG [key.sub=value ...]``; returns ``(config, 0)`` or ``(None, 2)`` after printing the error."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +26,7 @@ def parse_config(prog: str, description: str, argv=None) -> tuple[RunConfig | No
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     try:
-        return load_config(args.config, args.overrides), 0
+        return load_config(args.config, args.overrides, require=require), 0
     except ConfigError as error:
         print(f"{prog}: config error: {error}", file=sys.stderr)
         return None, 2
@@ -39,13 +40,15 @@ def learning_rate_schedule(config: RunConfig):
 
 
 def optimizer_transform(config: RunConfig):
-    """AdamW with warmup + cosine decay and global-norm clipping; no weight decay on vectors (norm scales)."""
+    """AdamW with warmup + cosine decay and global-norm clipping; no weight decay on vectors (norm scales).
+    A step whose gradients are not finite changes nothing (``optax.apply_if_finite``); the training loop then
+    stops or skips it (``train.on_nonfinite``)."""
     t = config.train
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
+    return optax.apply_if_finite(optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(learning_rate_schedule(config), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
-                    mask=decay_mask))
+                    mask=decay_mask)), max_consecutive_errors=2**31 - 1)
 
 
 @dataclass

@@ -15,42 +15,106 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, or none could be restored (the command exits with status 1)."""
+
+
 def _abstract(state: nnx.State):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state.to_pure_dict())
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _check_shapes(name: str, saved, expected) -> None:
+    """Every saved array has the shape the model expects; otherwise the first difference, by parameter name."""
+    flat = jax.tree_util.tree_flatten_with_path(saved, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    saved_leaves = {_path_name(path): leaf for path, leaf in flat}  # saved keys are strings ("0"), ours ints
+    for path, want in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        got = saved_leaves.get(_path_name(path))
+        if got is None:
+            raise CheckpointError(f"{name} parameter {_path_name(path)}: expected shape {tuple(want.shape)}, "
+                                  f"missing from the checkpoint")
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{name} parameter {_path_name(path)}: expected shape {tuple(want.shape)}, the "
+                                  f"checkpoint holds {tuple(got.shape)} (was it made with another model config?)")
 
 
 class RunCheckpoints:
     def __init__(self, directory: Path, *, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                                create=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                             item_names=("model", "optimizer", "data", "meta"))
+        self.directory = Path(directory).absolute()
+        handlers = {"model": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._pending: int | None = None  # the step of an asynchronous save that may still fail
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, model, optimizer, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        return self.manager.save(step, force=force, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.state(model).to_pure_dict()),
-            optimizer=ocp.args.StandardSave(nnx.state(optimizer).to_pure_dict()),
-            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+        """Saves (asynchronously); a failure of this or of the previous asynchronous save raises
+        ``CheckpointError`` naming the step."""
+        try:
+            saved = self.manager.save(step, force=force, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(nnx.state(model).to_pure_dict()),
+                optimizer=ocp.args.StandardSave(nnx.state(optimizer).to_pure_dict()),
+                data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+        except Exception as error:
+            raise CheckpointError(f"saving the checkpoint of step {self._pending or step} into {self.directory} "
+                                  f"failed: {type(error).__name__}: {error}") from None
+        self._pending = step
+        return saved
 
     def restore(self, step: int, model, optimizer=None) -> tuple[dict, dict]:
         """Restores into ``model`` (and ``optimizer``) in place, keeping their shardings; returns the data
-        iterator state and the metadata."""
+        iterator state and the metadata. Arrays whose shape differs from the model's are named."""
         targets = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
         states = {name: nnx.state(obj) for name, obj in targets.items()}
-        args = {name: ocp.args.StandardRestore(_abstract(state)) for name, state in states.items()}
+        abstract = {name: _abstract(state) for name, state in states.items()}
+        metadata = self.manager.item_metadata(step)
+        for name, tree in abstract.items():
+            _check_shapes(name, getattr(metadata[name], "tree", metadata[name]), tree)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            **args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()},
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         for name, state in states.items():
             nnx.replace_by_pure_dict(state, restored[name])
             nnx.update(targets[name], state)
         return restored["data"], restored["meta"]
 
+    def restore_newest(self, model, optimizer=None, log=print) -> tuple[int, dict, dict] | None:
+        """Restores the newest readable checkpoint: a step that cannot be read (a truncated or deleted file, an
+        empty directory) is reported and the next older one is tried. ``None`` when there is no checkpoint;
+        ``CheckpointError`` when there are some but none can be read, or the model does not fit them."""
+        failures = []
+        for step in reversed(self.steps()):
+            try:
+                return (step, *self.restore(step, model, optimizer))
+            except CheckpointError:
+                raise
+            except Exception as error:  # Orbax and TensorStore raise many kinds on damaged files
+                failures.append(step)
+                log(f"checkpoint step {step} in {self.directory} cannot be read ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200] if str(error) else ''}); trying an older one")
+        if failures:
+            raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
+        return None
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last asynchronous save; its failure raises ``CheckpointError``."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise CheckpointError(f"saving the checkpoint of step {self._pending} into {self.directory} failed: "
+                                  f"{type(error).__name__}: {error}") from None
+        finally:
+            self.manager.close()
 
 
 def resolve_checkpoint(path: str) -> tuple[Path, int]:

@@ -8,6 +8,7 @@ dataclasses and strict validation (unknown keys and bad values are rejected with
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -73,8 +74,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0                 # global-norm clipping threshold
     accumulate: int = 1                    # microbatches per step (gradient accumulation)
+    on_nonfinite: str = "stop"             # a non-finite loss or gradient: "stop" the run, or "skip" the step
+    max_skipped_steps: int = 10            # with "skip": stop after this many non-finite steps in a row
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0                    # 0: evaluate only at the end
@@ -103,6 +106,41 @@ class GenerateConfig:
     seed: int = 0
 
 
+# Numeric fields and their ranges: (low, inclusive) and (high, inclusive), None for no bound; all finite.
+_POSITIVE = (1, True)
+_RANGES = (
+    *((f"data.{n}", _POSITIVE, None) for n in ("seq_len", "batch_size", "eval_seq_len", "eval_batch_size")),
+    ("data.vocab_size", (2, True), None),
+    *((f"train.{n}", _POSITIVE, None) for n in ("steps", "accumulate", "log_every", "checkpoint_every",
+                                                "keep_checkpoints", "eval_batches")),
+    ("train.learning_rate", (0.0, False), None),
+    ("train.grad_clip", (0.0, False), None),
+    ("train.warmup_steps", (0, True), None),
+    ("train.weight_decay", (0.0, True), None),
+    ("train.beta1", (0.0, True), (1.0, False)),
+    ("train.beta2", (0.0, True), (1.0, False)),
+    ("train.min_learning_rate_ratio", (0.0, True), (1.0, True)),
+    ("train.eval_every", (0, True), None),
+    ("train.max_skipped_steps", (1, True), None),
+    ("eval.batch_size", _POSITIVE, None),
+)
+
+
+def _check_range(key: str, value, low, high) -> None:
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>=' if low[1] else '>'} {low[0]}")
+    if high is not None:
+        bounds.append(f"{'<=' if high[1] else '<'} {high[0]}")
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low[0] if low[1] else value > low[0]
+    if ok and high is not None:
+        ok = value <= high[0] if high[1] else value < high[0]
+    if not ok:
+        raise ConfigError(f"{key}: expected a finite number {' and '.join(bounds)}, received {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -115,23 +153,35 @@ class RunConfig:
 
     def __post_init__(self):
         self.model_config(vocab_size=self.model.vocab_size or 1)  # validates the model section at load time
-        for name in ("seq_len", "batch_size", "eval_seq_len", "eval_batch_size", "vocab_size"):
-            if getattr(self.data, name) < 1:
-                raise ConfigError(f"data.{name}: expected a positive int, received {getattr(self.data, name)}")
-        for name in ("steps", "accumulate", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
-            if getattr(self.train, name) < 1:
-                raise ConfigError(f"train.{name}: expected a positive int, received {getattr(self.train, name)}")
+        for key, low, high in _RANGES:
+            section, name = key.split(".")
+            _check_range(key, getattr(getattr(self, section), name), low, high)
+        if self.train.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.on_nonfinite: expected 'stop' or 'skip', received {self.train.on_nonfinite!r}")
         if self.data.batch_size % self.train.accumulate:
             raise ConfigError(f"train.accumulate: expected a divisor of data.batch_size={self.data.batch_size}, "
                               f"received {self.train.accumulate}")
-        if self.train.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate: expected > 0, received {self.train.learning_rate}")
+        for i, length in enumerate(self.eval.lengths):
+            _check_range(f"eval.lengths[{i}]", length, (1, True), None)
+        if self.eval.max_windows_per_doc is not None:
+            _check_range("eval.max_windows_per_doc", self.eval.max_windows_per_doc, (1, True), None)
+        from sparsek_jax.nn.generate import check_sampling
+
+        g = self.generate
+        try:
+            check_sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
+        except ValueError as error:
+            raise ConfigError(f"generate.{error}") from None
 
     def model_config(self, vocab_size: int):
-        """The ``ModelConfig`` of this run (``vocab_size`` from the tokenizer unless set)."""
+        """The ``ModelConfig`` of this run (``vocab_size`` from the tokenizer unless set). A ``model.vocab_size``
+        smaller than the tokenizer's would look up ids past the embedding table: rejected."""
         from sparsek_jax.nn.config import ModelConfig
 
         values = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(self.model)}  # not deep
+        if values["vocab_size"] is not None and values["vocab_size"] < vocab_size:
+            raise ConfigError(f"model.vocab_size: expected at least the tokenizer's {vocab_size} tokens, received "
+                              f"{values['vocab_size']}")
         values["vocab_size"] = values["vocab_size"] or vocab_size
         try:
             return ModelConfig(**values)
@@ -254,10 +304,15 @@ def from_dict(schema, raw, prefix: str = ""):
         raise ConfigError(f"{prefix}: {error}" if prefix else str(error)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] = (), schema=RunConfig):
+def load_config(path: str | Path, overrides: list[str] = (), schema=RunConfig, *, require: tuple[str, ...] = ()):
+    """The config of ``path`` with ``base_config`` merged and ``overrides`` applied. ``require``: sections that
+    must be present (a training run without a ``model`` section would silently train the default model)."""
     raw = load_raw(path)
     for override in overrides:
         raw = apply_override(raw, override)
+    for section in require:
+        if section not in raw:
+            raise ConfigError(f"{section}: section missing from {path} (expected a {section}: mapping)")
     return from_dict(schema, raw)
 
 

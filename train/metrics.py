@@ -54,6 +54,18 @@ class MetricsWriter:
                 raise ValueError("train.tensorboard: true needs the tensorboardX package (pip install tensorboardX)")
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def keep_until(self, step: int) -> None:
+        """Drops the records of steps after ``step``: a resumed run writes the steps it re-runs again, so the
+        file holds each step once."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            temporary = self.path.with_suffix(".jsonl.tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            temporary.replace(self.path)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

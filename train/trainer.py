@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,8 @@ from flax import nnx
 
 from sparsek_jax import data
 from sparsek_train import app
-from sparsek_train.checkpointing import RunCheckpoints
+from sparsek_train import run_dir
+from sparsek_train.checkpointing import CheckpointError, RunCheckpoints
 from sparsek_train.config import ConfigError, RunConfig, dump_config
 from sparsek_train.evaluate import evaluate, make_eval_step
 from sparsek_train.metrics import MetricsWriter, Progress, peak_flops, training_flops_per_token
@@ -54,11 +56,48 @@ def make_train_step(accumulate: int):
             zeros = jax.tree.map(jnp.zeros_like, params)
             (loss, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), zeros), micro)
             loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
-        grad_norm = optax.global_norm(grads)
-        optimizer.update(model, grads)
-        return {"loss": loss, "grad_norm": grad_norm}
+        grad_norm = optax.tree.norm(grads)
+        optimizer.update(model, grads)  # applies nothing unless the gradients are finite (optimizer_transform)
+        return {"loss": loss, "grad_norm": grad_norm, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
 
     return train_step
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became non-finite (the command exits with status 1)."""
+
+
+@jax.jit
+def _watch_update(state, step, out):
+    first_step, first_loss, first_norm, streak, skipped = state
+    bad = ~out["finite"]
+    new = (first_step < 0) & bad
+    return (jnp.where(new, step, first_step), jnp.where(new, out["loss"], first_loss),
+            jnp.where(new, out["grad_norm"], first_norm), jnp.where(bad, streak + 1, 0), skipped + bad)
+
+
+class _NonFiniteWatch:
+    """Counts non-finite steps on the device (no wait per step). ``check()`` (at log and checkpoint steps)
+    raises ``NonFiniteError`` on the first one (``train.on_nonfinite: stop``) or after ``max_skipped_steps`` in a
+    row (``skip``); their updates were never applied (``optimizer_transform``)."""
+
+    def __init__(self, mode: str, max_skipped: int):
+        self.mode, self.max_skipped = mode, max_skipped
+        self.state = (jnp.int32(-1), jnp.float32(0), jnp.float32(0), jnp.int32(0), jnp.int32(0))
+
+    def update(self, step: int, out: dict) -> None:
+        self.state = _watch_update(self.state, jnp.int32(step), out)
+
+    def check(self, last_saved: int | None) -> int:
+        """Raises on a diverged run; returns the number of skipped steps so far."""
+        first_step, first_loss, first_norm, streak, skipped = (x.item() for x in jax.device_get(self.state))
+        if first_step >= 0 and (self.mode == "stop" or streak >= self.max_skipped):
+            kept = f"the newest checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was saved"
+            why = "" if self.mode == "stop" else f" and the {streak} steps after it; train.max_skipped_steps reached"
+            raise NonFiniteError(f"loss or gradient norm not finite at step {first_step} (loss {first_loss}, "
+                                 f"grad_norm {first_norm}){why}; stopped without saving, {kept}. Lower "
+                                 f"train.learning_rate, check the data, or set train.on_nonfinite=skip")
+        return skipped
 
 
 class _StopRequest:
@@ -109,38 +148,63 @@ def _describe(session, packed, log) -> float:
 
 
 def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
-    """Runs (or resumes) training; returns a summary. Raises ``ConfigError`` / ``ValueError`` on bad input."""
+    """Runs (or resumes) training; returns a summary. Raises ``ConfigError`` / ``ValueError`` on bad input,
+    ``NonFiniteError`` when the loss diverges and ``CheckpointError`` when a checkpoint cannot be written."""
     if config.train.distributed:
         jax.distributed.initialize()
     is_main = jax.process_index() == 0
-    session = app.build_session(config, with_optimizer=True, log=log)
-    run_dir = session.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (run_dir / "config.yaml").write_text(dump_config(config))
+    if not is_main:
+        return _train(config, Path(config.train.run_dir), log=log, show_progress=show_progress, is_main=False)
+    directory = run_dir.create(config.train.run_dir)
+    with run_dir.locked(directory):
+        return _train(config, directory, log=log, show_progress=show_progress, is_main=True)
+
+
+def _train(config: RunConfig, directory: Path, *, log, show_progress: bool, is_main: bool) -> dict:
     t = config.train
+    checkpoints = RunCheckpoints(directory / "checkpoints", keep=t.keep_checkpoints, asynchronous=t.async_checkpoints)
+    try:
+        return _run(config, directory, checkpoints, log=log, show_progress=show_progress, is_main=is_main)
+    finally:
+        failing = sys.exc_info()[0] is not None
+        try:
+            checkpoints.close()  # waits for the asynchronous save to land
+        except CheckpointError:
+            if not failing:  # a save that failed in the background; otherwise the error in flight says more
+                raise
+
+
+def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log, show_progress: bool,
+         is_main: bool) -> dict:
+    t = config.train
+    if checkpoints.steps():
+        run_dir.check_same_model(directory, config)
+    session = app.build_session(config, with_optimizer=True, log=log)
+    if is_main:
+        (directory / "config.yaml").write_text(dump_config(config))
     packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
     iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=config.data.seed))
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", keep=t.keep_checkpoints, asynchronous=t.async_checkpoints)
-    metrics = MetricsWriter(run_dir, tensorboard=t.tensorboard, enabled=is_main)
+    metrics = MetricsWriter(directory, tensorboard=t.tensorboard, enabled=is_main)
 
-    step = 0
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        with activate(session.mesh):
-            data_state, meta = checkpoints.restore(latest, session.model, session.optimizer)
+    step, latest = 0, None
+    with activate(session.mesh):
+        restored = checkpoints.restore_newest(session.model, session.optimizer, log=log)
+    if restored is not None:
+        latest, data_state, meta = restored
         iterator.set_state(data_state)
         step = meta["step"]
-        log(f"resumed from {run_dir / 'checkpoints' / str(latest)} at step {step}")
+        log(f"resumed from {directory / 'checkpoints' / str(latest)} at step {step}")
+    metrics.keep_until(step)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step, peak = _describe(session, packed, log), peak_flops()
     schedule = app.learning_rate_schedule(config)
     train_step = make_train_step(t.accumulate)
     evaluation = _Evaluation(session, metrics)
     stop = _StopRequest()
+    watch = _NonFiniteWatch(t.on_nonfinite, t.max_skipped_steps)
     progress = Progress(t.steps, step, enabled=is_main and show_progress)
     interval_start, interval_steps = time.perf_counter(), 0
-    last, final = {}, None
+    last, final, last_saved = {}, None, latest
     try:
         with activate(session.mesh):
             while step < t.steps and stop.signal is None:
@@ -148,8 +212,10 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
                 out = train_step(session.model, session.optimizer, batch)
                 step += 1
                 interval_steps += 1
+                watch.update(step, out)
                 if step % t.log_every == 0 or step == t.steps:
-                    loss = float(out["loss"])  # waits for the step
+                    skipped = watch.check(last_saved)  # waits for the step
+                    loss = float(out["loss"])
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
                     last = {"step": step, "loss": loss, "grad_norm": float(out["grad_norm"]),
@@ -157,21 +223,24 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
                             "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
                             "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
                                     if peak else None)}
+                    if skipped:
+                        last["skipped_steps"] = skipped
                     metrics.write(last)
                     progress.update(interval_steps, loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     interval_start, interval_steps = time.perf_counter(), 0
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     evaluation(step)
                 if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
+                    watch.check(last_saved)  # never save over the last good checkpoint
                     checkpoints.save(step, session.model, session.optimizer, iterator.get_state(),
                                      {"step": step, "seed": t.seed}, force=True)
+                    last_saved = step
             interrupted = stop.signal is not None and step < t.steps
             if not interrupted:
                 final = evaluation(step)
     finally:
         progress.close()
         stop.restore()
-        checkpoints.close()  # waits for the asynchronous save to land
         metrics.close()
     if interrupted:
         log(f"stopped by signal at step {step}; checkpoint saved. Run the same command again to resume.")
@@ -179,12 +248,12 @@ def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
         log(f"done: step {step}, train loss {last.get('loss', float('nan')):.4f}, held-out loss "
             f"{final['loss']:.4f} (perplexity {final['perplexity']:.1f}, {final['bits_per_byte']:.3f} bits/byte on "
             f"{final['tokens']:,} tokens)")
-    log(f"outputs: {run_dir}/metrics.jsonl, {run_dir}/checkpoints/, {run_dir}/config.yaml")
-    return {"step": step, "interrupted": interrupted, "last": last, "eval": final, "run_dir": str(run_dir)}
+    log(f"outputs: {directory}/metrics.jsonl, {directory}/checkpoints/, {directory}/config.yaml")
+    return {"step": step, "interrupted": interrupted, "last": last, "eval": final, "run_dir": str(directory)}
 
 
 def main(argv=None) -> int:
-    config, code = app.parse_config("sparsek-train", __doc__, argv)
+    config, code = app.parse_config("sparsek-train", __doc__, argv, require=("model", "train"))
     if config is None:
         return code
     try:
@@ -192,6 +261,9 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"sparsek-train: config error: {error}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointError) as error:
+        print(f"sparsek-train: {error}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in summary.items() if k in ("step", "interrupted", "run_dir")}))
     return 0
 

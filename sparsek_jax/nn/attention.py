@@ -108,6 +108,9 @@ class SparseKAttention(nnx.Module):
 
     def prefill(self, x, positions, cache: kv_cache.AttentionCache):
         """Full-sequence forward over a prompt that also fills ``cache`` (which must be empty)."""
+        if self.kind == "dense" and x.shape[1] > self.config.max_decode_length:
+            raise ValueError(f"prompt: expected at most max_decode_length={self.config.max_decode_length} tokens "
+                             f"for a dense layer's cache, received {x.shape[1]}")
         q, k, v, u = self._project(x, positions)
         return self._attend(q, k, v, u, None), kv_cache.prefill_cache(cache, k, v, u)
 
@@ -115,6 +118,9 @@ class SparseKAttention(nnx.Module):
         """One token: x ``[batch, d_model]`` at position ``cache.length``; returns ``([batch, d_model], cache)``."""
         positions = jnp.broadcast_to(cache.length, (x.shape[0], 1))
         q, k, v, u = self._project(x[:, None], positions)
+        position = cache.length
         cache = kv_cache.append_token(cache, k[:, 0], v[:, 0], None if u is None else u[:, 0])
         out, cache = kv_cache.attend(cache, q[:, 0], scale=self.scale, gate=self.config.gate)
+        if self.kind == "dense":  # past its preallocated cache a dense layer would silently slide: NaN instead
+            out = jnp.where(position >= self.config.max_decode_length, jnp.asarray(jnp.nan, out.dtype), out)
         return self._output(out[:, None])[:, 0], cache

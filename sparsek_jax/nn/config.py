@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +83,20 @@ class ModelConfig:
         if self.scan_layers and len(set(kinds)) > 1:
             raise ValueError(f"ModelConfig.scan_layers: expected one attention kind for all layers when scanning, "
                              f"received {kinds}")
-        if self.position_slope < 0:
-            raise ValueError(f"ModelConfig.position_slope: expected >= 0, received {self.position_slope}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim: expected an even number (RoPE rotates pairs), received "
+                             f"{self.head_dim}")
+        for name, low, inclusive in (("position_slope", 0.0, True), ("rope_base", 0.0, False),
+                                     ("norm_eps", 0.0, False)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+                value >= low if inclusive else value > low)
+            if not ok:
+                raise ValueError(f"ModelConfig.{name}: expected a finite number {'>=' if inclusive else '>'} {low:g}, "
+                                 f"received {value!r}")
+        if self.buffer_size is not None and (isinstance(self.buffer_size, bool) or self.buffer_size < self.topk):
+            raise ValueError(f"ModelConfig.buffer_size: expected None or at least topk={self.topk}, received "
+                             f"{self.buffer_size!r}")
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

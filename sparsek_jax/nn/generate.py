@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -45,6 +48,16 @@ def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_
     return jnp.concatenate([prompt, tokens.T], axis=1), cache
 
 
+def check_sampling(*, max_new_tokens, temperature, top_p) -> None:
+    """The sampling options, checked before anything runs."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, received {max_new_tokens!r}")
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature: expected a finite number >= 0, received {temperature!r}")
+    if not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a value in (0, 1], received {top_p!r}")
+
+
 def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              rng: jax.Array | None = None, return_cache: bool = False):
     """Continues ``prompt`` int ``[batch, n]`` by ``max_new_tokens`` tokens; returns ``[batch, n + new]``.
@@ -52,12 +65,19 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: floa
     One jit-compiled program: prefill, then a ``lax.scan`` of decode steps. SparseK and sliding layers use a
     cache whose size does not depend on the length; dense layers preallocate ``max_decode_length``.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive int, received {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, received {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected a value in (0, 1], received {top_p}")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    prompt = np.asarray(prompt)
+    c = model.config
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"prompt: expected integer token ids [batch, n] with n >= 1, received shape {prompt.shape} "
+                         f"dtype {prompt.dtype}")
+    outside = (prompt < 0) | (prompt >= c.vocab_size)
+    if outside.any():
+        raise ValueError(f"prompt: expected token ids in [0, {c.vocab_size}), received {prompt[outside][0]} "
+                         f"({int(outside.sum())} ids out of range)")
+    if "dense" in c.layer_kinds and prompt.shape[1] + max_new_tokens > c.max_decode_length:
+        raise ValueError(f"max_new_tokens: prompt ({prompt.shape[1]}) + new tokens ({max_new_tokens}) exceed the "
+                         f"dense layers' cache (max_decode_length={c.max_decode_length})")
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if rng is None else rng
     tokens, cache = _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), key, max_new_tokens=max_new_tokens,

@@ -97,17 +97,26 @@ class TransformerLM(nnx.Module):
         self.unembed = None if c.tie_embeddings else param(
             rngs, nnx.initializers.lecun_normal(), (c.d_model, c.vocab_size), ("embed", "vocab"), c.param_dtype)
 
-    def _embed(self, tokens):
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
-        return x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+    def _embed(self, tokens, rank: int):
+        """Embeddings and the validity of each token id. An id outside ``[0, vocab_size)`` embeds as zeros and
+        its position's logits are NaN (no other position sees it: it is never looked up)."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != rank or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            layout = "[batch, seq]" if rank == 2 else "[batch]"
+            raise ValueError(f"tokens: expected an integer array {layout}, received shape {tokens.shape} "
+                             f"dtype {tokens.dtype}")
+        valid = (tokens >= 0) & (tokens < self.config.vocab_size)
+        x = jnp.take(self.embed[...], jnp.where(valid, tokens, 0), axis=0).astype(self.config.compute_dtype)
+        x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+        return x * jnp.asarray(self.config.d_model ** 0.5, x.dtype), valid
 
-    def _logits(self, x):
+    def _logits(self, x, valid):
         x = self.final_norm(x).astype(self.config.compute_dtype)
         if self.unembed is None:
             w = self.embed[...].astype(x.dtype).T / jnp.asarray(self.config.d_model ** 0.5, x.dtype)
         else:
             w = self.unembed[...].astype(x.dtype)
-        return (x @ w).astype(jnp.float32)
+        return jnp.where(valid[..., None], (x @ w).astype(jnp.float32), jnp.nan)
 
     def _block_fn(self):
         """A block's forward, rematerialised with the configured ``jax.checkpoint`` policy."""
@@ -122,9 +131,9 @@ class TransformerLM(nnx.Module):
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens int ``[batch, seq]`` -> logits float32 ``[batch, seq, vocab]``. ``positions`` default to
         ``0..seq-1`` (restart them per document for packed inputs); ``segment_ids`` separate documents."""
+        x, valid = self._embed(tokens, 2)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = self._embed(tokens)
         run = self._block_fn()
         if self.config.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -135,7 +144,7 @@ class TransformerLM(nnx.Module):
         else:
             for block in self.blocks:
                 x = run(block, x, positions, segment_ids)
-        return self._logits(x)
+        return self._logits(x, valid)
 
     # -- decoding ---------------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int):
@@ -165,14 +174,16 @@ class TransformerLM(nnx.Module):
     def prefill(self, tokens: jax.Array, cache):
         """Runs the prompt ``[batch, n]`` through the model and fills the (empty) cache: returns the logits of
         every prompt position ``[batch, n, vocab]`` and the cache."""
+        x, valid = self._embed(tokens, 2)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x, cache = self._run_layers("prefill", self._embed(tokens), cache, positions)
-        return self._logits(x), cache
+        x, cache = self._run_layers("prefill", x, cache, positions)
+        return self._logits(x, valid), cache
 
     def decode_step(self, token: jax.Array, cache):
         """The next token ``[batch]`` -> its logits ``[batch, vocab]`` and the updated cache."""
-        x, cache = self._run_layers("decode_step", self._embed(token), cache)
-        return self._logits(x), cache
+        x, valid = self._embed(token, 1)
+        x, cache = self._run_layers("decode_step", x, cache)
+        return self._logits(x, valid), cache
 
 
 def cache_nbytes(cache) -> int:
