@@ -167,7 +167,8 @@ def test_bad_sources(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("   \n")
-    with pytest.raises(Exception, match="the corpus is empty"):
+    with pytest.raises(ValueError, match=r"text_files: expected at least 2 documents \(one for training, one for "
+                                         r"validation\), found 0 with text"):
         corpora.prepare("text_files", data_dir=str(tmp_path / "d"), source_path=str(empty))
     with pytest.raises(ValueError, match="shakespeare_plays: source_path is required"):
         corpora.prepare("shakespeare_plays", data_dir=str(tmp_path / "s"))
@@ -198,3 +199,30 @@ def test_global_batch_on_a_mesh(prepared):
     batch = data.global_batch(local, NamedSharding(mesh, PartitionSpec("data")))
     assert batch["inputs"].shape == (2, 16) and batch["inputs"].sharding.spec == PartitionSpec("data")
     np.testing.assert_array_equal(np.asarray(batch["segment_ids"]), local["segment_ids"])
+
+
+def test_text_files_skip_binary_and_rebuild_when_files_change(tmp_path):
+    source = tmp_path / "texts"
+    source.mkdir()
+    for i in range(3):
+        (source / f"d{i}.txt").write_text(f"document {i} " * 50)
+    (source / "zeros.txt").write_bytes(b"\x00" * 4096)  # a file of NUL bytes is not text
+    build = lambda: data.prepare_data(dataset="text_files", data_dir=str(tmp_path / "data"), source_path=str(source),
+                                      vocab_size=300, log=lambda message: None)
+    first = build()
+    assert first.skipped == ("zeros.txt",)
+    assert sum(s.num_docs for s in first.splits.values()) == 3
+    assert min(s.num_docs for s in first.splits.values()) >= 1  # neither split is empty, however the hashes fall
+    (source / "d3.txt").write_text("a document added later " * 40)
+    second = build()
+    assert sum(s.num_docs for s in second.splits.values()) == 4, "a file added later must not be ignored"
+    assert second.directory != first.directory
+
+
+def test_validation_split_is_never_empty():
+    ids = [f"doc{i}" for i in range(3)]
+    chosen = corpora.validation_ids(ids, validation_every=1000)
+    assert len(chosen) == 1 and chosen < set(ids)
+    assert len(corpora.validation_ids(ids, validation_every=1)) == 2  # every hash says validation: one trains
+    with pytest.raises(ValueError, match="expected at least 2 documents"):
+        corpora.validation_ids(ids[:1], validation_every=8)

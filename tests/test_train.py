@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from sparsek_jax.nn import TransformerLM
-from sparsek_train.config import load_config
+from sparsek_train.config import ConfigError, load_config
 from sparsek_train.trainer import train
 
 ROOT = Path(__file__).parent.parent
@@ -120,7 +120,7 @@ import json, sys
 import jax
 from sparsek_jax import data
 from sparsek_train import app
-from sparsek_train.config import load_config
+from sparsek_train.config import ConfigError, load_config
 from sparsek_train.sharding import activate
 from sparsek_train.trainer import make_train_step
 config = load_config(sys.argv[1], sys.argv[2:])
@@ -208,3 +208,120 @@ def test_bad_config_exits_with_status_2_naming_the_key():
                                 capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert result.returncode == 2
         assert key in result.stderr
+
+
+# -- faults: nothing silently wrong, nothing lost ---------------------------------------------------------------
+
+def quiet(config):
+    messages = []
+    summary = train(config, log=messages.append, show_progress=False)
+    return summary, messages
+
+
+def metric_steps(run_dir):
+    return [json.loads(line)["step"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def saved_steps(run_dir):
+    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_divergence_stops_without_saving_over_the_last_good_checkpoint(corpus, tmp_path, capsys, mode):
+    from sparsek_train import trainer
+
+    run_dir = tmp_path / "run"
+    good = run_overrides(corpus, tmp_path / "data", run_dir, **{"train.steps": 2, "train.checkpoint_every": 1})
+    quiet(load_config(ROOT / "configs/demo.yaml", good))
+    # A learning rate of 1e30 sends the parameters to ~1e30 in one step; the next loss overflows.
+    diverge = run_overrides(corpus, tmp_path / "data", run_dir, **{
+        "train.steps": 12, "train.checkpoint_every": 1, "train.learning_rate": 1e30, "train.warmup_steps": 0,
+        "train.on_nonfinite": mode, "train.max_skipped_steps": 3})
+    assert trainer.main([str(ROOT / "configs/demo.yaml"), *diverge]) == 1
+    err = capsys.readouterr().err
+    found = re.search(r"loss or gradient norm not finite at step (\d+) \(loss \S+, grad_norm (nan|inf)\)", err)
+    assert found, err
+    assert ("max_skipped_steps reached" in err) == (mode == "skip")
+    if mode == "stop":  # (skipped steps leave the parameters as they were, so "skip" may save them)
+        assert max(saved_steps(run_dir)) < int(found.group(1)), "a checkpoint was saved after a bad step"
+
+
+def test_corrupt_newest_checkpoints_fall_back_and_metrics_keep_each_step_once(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    args = lambda steps: load_config(ROOT / "configs/demo.yaml", run_overrides(
+        corpus, tmp_path / "data", run_dir, **{"train.steps": steps, "train.checkpoint_every": 2,
+                                               "train.keep_checkpoints": 5}))
+    quiet(args(6))
+    assert saved_steps(run_dir) == [2, 4, 6]
+    # Damage the two newest: step 6 loses its metadata, step 4 an array file is truncated.
+    (run_dir / "checkpoints" / "6" / "model" / "_METADATA").unlink()
+    array_files = sorted((run_dir / "checkpoints" / "4" / "model").rglob("*"), key=lambda p: -p.stat().st_size)
+    array_files[0].write_bytes(array_files[0].read_bytes()[:20])
+    summary, messages = quiet(args(7))
+    assert summary["step"] == 7
+    assert any("checkpoint step 6" in m and "cannot be read" in m for m in messages), messages
+    assert any("resumed from" in m and m.endswith("at step 2") for m in messages), messages
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6, 7]  # steps 3-6 were run again, and are logged once
+    assert saved_steps(run_dir) == [2, 4, 6, 7] and (run_dir / "checkpoints" / "unreadable-6").is_dir()
+
+
+def test_failed_save_stops_with_one_message(corpus, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from sparsek_train import trainer
+
+    def full_disk(self, step, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    overrides = run_overrides(corpus, tmp_path / "data", tmp_path / "run", **{"train.steps": 3,
+                                                                            "train.checkpoint_every": 2})
+    assert trainer.main([str(ROOT / "configs/demo.yaml"), *overrides]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
+    assert len(err) == 1 and "saving the checkpoint of step 2" in err[0] and "No space left" in err[0], err
+
+
+def test_run_dir_is_locked_and_bound_to_its_model(corpus, tmp_path):
+    from sparsek_train import run_dir as run_dirs
+
+    run_dir = tmp_path / "run"
+    config = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir,
+                                                                   **{"train.steps": 2}))
+    quiet(config)
+    saved = (run_dir / "config.yaml").read_text()
+    with run_dirs.locked(run_dir):
+        with pytest.raises(ConfigError, match=rf"train.run_dir: '{run_dir}' is in use by process {os.getpid()}"):
+            quiet(config)
+    changed = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir, **{
+        "train.steps": 4, "model.d_model": 48}))
+    with pytest.raises(ConfigError, match=r"holds checkpoints of another configuration \(model.d_model: 32 in the "
+                                          r"run, 48 now\)"):
+        quiet(changed)
+    assert (run_dir / "config.yaml").read_text() == saved
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="train.run_dir: expected a directory, received .* which is a file"):
+        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", tmp_path / "file")))
+
+
+def test_restore_names_a_mismatched_parameter(tmp_path):
+    import optax
+
+    from sparsek_train.checkpointing import CheckpointError, RunCheckpoints
+
+    def model(d_model):
+        from sparsek_jax.nn import ModelConfig
+
+        config = ModelConfig(vocab_size=50, d_model=d_model, num_layers=1, num_heads=2, num_kv_heads=1,
+                             head_dim=8, mlp_dim=16, topk=2, window=2)
+        m = TransformerLM(config, rngs=nnx.Rngs(0))
+        return m, nnx.Optimizer(m, optax.adamw(1e-3), wrt=nnx.Param)
+
+    checkpoints = RunCheckpoints(tmp_path, asynchronous=False)
+    checkpoints.save(1, *model(16), {}, {"step": 1}, force=True)
+    checkpoints.close()
+    with pytest.raises(CheckpointError, match=r"model parameter blocks/0/attention/k_proj: expected shape "
+                                              r"\(24, 1, 8\), the checkpoint holds \(16, 1, 8\)"):
+        RunCheckpoints(tmp_path, read_only=True).restore(1, *model(24))

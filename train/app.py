@@ -100,9 +100,11 @@ def load_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Sessi
     directory, step = resolve_checkpoint(config.checkpoint)
     session = build_session(config, with_optimizer=with_optimizer, log=log)
     checkpoints = RunCheckpoints(directory, read_only=True)
-    with activate(session.mesh):
-        checkpoints.restore(step, session.model, session.optimizer)
-    checkpoints.close()
+    try:
+        with activate(session.mesh):
+            checkpoints.restore(step, session.model, session.optimizer)
+    finally:
+        checkpoints.close()
     session.step = step
     session.run_dir = directory.parent if directory.name == "checkpoints" else directory
     return session

@@ -31,6 +31,8 @@ def _check_shapes(name: str, saved, expected) -> None:
     """Every saved array has the shape the model expects; otherwise the first difference, by parameter name."""
     flat = jax.tree_util.tree_flatten_with_path(saved, is_leaf=lambda x: hasattr(x, "shape"))[0]
     saved_leaves = {_path_name(path): leaf for path, leaf in flat}  # saved keys are strings ("0"), ours ints
+    if not saved_leaves:
+        raise ValueError(f"{name}: the checkpoint's array metadata is missing or empty")
     for path, want in jax.tree_util.tree_flatten_with_path(expected)[0]:
         got = saved_leaves.get(_path_name(path))
         if got is None:
@@ -95,13 +97,20 @@ class RunCheckpoints:
         failures = []
         for step in reversed(self.steps()):
             try:
-                return (step, *self.restore(step, model, optimizer))
+                restored = self.restore(step, model, optimizer)
             except CheckpointError:
                 raise
             except Exception as error:  # Orbax and TensorStore raise many kinds on damaged files
                 failures.append(step)
                 log(f"checkpoint step {step} in {self.directory} cannot be read ({type(error).__name__}: "
                     f"{str(error).splitlines()[0][:200] if str(error) else ''}); trying an older one")
+                continue
+            # The run goes on from here and will save those steps again: keep the unreadable ones aside.
+            for bad in failures:
+                (self.directory / str(bad)).rename(self.directory / f"unreadable-{bad}")
+                log(f"moved the unreadable checkpoint to {self.directory / f'unreadable-{bad}'}")
+            self.manager.reload()
+            return (step, *restored)
         if failures:
             raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {failures})")
         return None

@@ -92,6 +92,7 @@ def format_table(results: list[dict], train_seq_len: int) -> str:
 
 def main(argv=None) -> int:
     from sparsek_train import app
+    from sparsek_train.checkpointing import CheckpointError
 
     config, code = app.parse_config("sparsek-eval", __doc__, argv)
     if config is None:
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         return 2
     try:
         session = app.load_session(config, with_optimizer=False)
-    except ValueError as error:
+    except (ValueError, CheckpointError) as error:
         print(f"sparsek-eval: {error}", file=sys.stderr)
         return 2
     split = session.prepared.splits["validation"]

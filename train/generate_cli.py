@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsek_train import app
+from sparsek_train.checkpointing import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     try:
         # Progress goes to stderr: stdout carries the generated text alone.
         session = app.load_session(config, with_optimizer=False, log=lambda m: print(m, file=sys.stderr))
-    except ValueError as error:
+    except (ValueError, CheckpointError) as error:
         print(f"sparsek-generate: {error}", file=sys.stderr)
         return 2
     tokenizer = session.prepared.tokenizer

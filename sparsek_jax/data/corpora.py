@@ -34,10 +34,27 @@ def _features():
     return tfds.features.FeaturesDict({"id": tfds.features.Text(), "text": tfds.features.Text()})
 
 
+def _digest(doc_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little")
+
+
 def is_validation(doc_id: str, validation_every: int) -> bool:
     """Deterministic split by whole documents: a stable hash of the id picks about 1 in ``validation_every``."""
-    digest = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little")
-    return digest % validation_every == 0
+    return _digest(doc_id) % validation_every == 0
+
+
+def validation_ids(doc_ids: list[str], validation_every: int) -> set[str]:
+    """The documents of the validation split: ``is_validation``, except that neither split may be empty (a
+    small corpus whose hashes all fall on one side gives its lowest-hash document to the other side)."""
+    if len(doc_ids) < 2:
+        raise ValueError(f"expected at least 2 documents (one for training, one for validation), found "
+                         f"{len(doc_ids)}")
+    chosen = {d for d in doc_ids if is_validation(d, validation_every)}
+    if not chosen:
+        chosen = {min(doc_ids, key=_digest)}
+    elif len(chosen) == len(doc_ids):
+        chosen.discard(min(doc_ids, key=_digest))
+    return chosen
 
 
 class _SplitByDocument(tfds.core.GeneratorBasedBuilder):
@@ -56,17 +73,17 @@ class _SplitByDocument(tfds.core.GeneratorBasedBuilder):
         """Yields ``(document id, text)`` for the whole corpus; the split is made by ``is_validation``."""
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(validation=False),
-                "validation": self._generate_examples(validation=True)}
+        try:
+            chosen = validation_ids([doc_id for doc_id, _ in self._documents()], self.VALIDATION_EVERY)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error} with text") from None
+        return {"train": self._generate_examples(chosen, validation=False),
+                "validation": self._generate_examples(chosen, validation=True)}
 
-    def _generate_examples(self, validation: bool):
-        count = 0
+    def _generate_examples(self, chosen: set[str], validation: bool):
         for doc_id, text in self._documents():
-            if is_validation(doc_id, self.VALIDATION_EVERY) == validation:
-                count += 1
+            if (doc_id in chosen) == validation:
                 yield doc_id, {"id": doc_id, "text": text}
-        if count == 0 and not validation:
-            raise ValueError(f"{self.name}: the corpus is empty (no document with text)")
 
 
 def sotu_speeches() -> list[dict]:
@@ -123,7 +140,9 @@ class ShakespearePlays(_SplitByDocument):
 
 class TextFiles(_SplitByDocument):
     """A directory of ``.txt`` files (one document each) and ``.jsonl`` files (one document per line, text
-    under ``text_key``). Files or lines that are not valid UTF-8 are skipped; ``skipped`` counts them."""
+    under ``text_key``). Files or lines that are not text (invalid UTF-8, NUL bytes) are skipped; ``skipped``
+    lists them. The build is keyed on the directory and on its files' names, sizes and modification times, so
+    adding, removing or editing a file builds the dataset again."""
 
     def __init__(self, *, source_path: str, text_key: str = "text", **kwargs):
         directory = Path(source_path)
@@ -132,8 +151,10 @@ class TextFiles(_SplitByDocument):
         self.source_path = directory
         self.text_key = text_key
         self.skipped: list[str] = []
-        digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
-        # One builder config per source directory, so several directories can live under one data_dir.
+        listing = [str(directory.resolve())] + [f"{p.relative_to(directory)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                                for p in self._files(directory)]
+        digest = hashlib.sha256("\n".join(listing).encode()).hexdigest()[:12]
+        # One builder config per source directory and content, so several can live under one data_dir.
         super().__init__(config=tfds.core.BuilderConfig(name=f"dir_{digest}", description=str(directory)), **kwargs)
 
     def _skip(self, where: str, why: str) -> None:
@@ -141,12 +162,19 @@ class TextFiles(_SplitByDocument):
             self.skipped.append(where)
             log.warning("text_files: skipping %s: %s", where, why)
 
+    @staticmethod
+    def _files(directory: Path) -> list[Path]:
+        return sorted(p for p in directory.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+
     def _documents(self):
-        files = sorted(p for p in self.source_path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        for file in files:
+        for file in self._files(self.source_path):
             relative = str(file.relative_to(self.source_path))
+            raw = file.read_bytes()
+            if b"\x00" in raw:
+                self._skip(relative, "contains NUL bytes (not text)")
+                continue
             try:
-                content = file.read_bytes().decode("utf-8")
+                content = raw.decode("utf-8")
             except UnicodeDecodeError:
                 self._skip(relative, "not valid UTF-8")
                 continue

@@ -33,7 +33,7 @@ def prepare_data(*, dataset: str, data_dir: str, source_path: str | None = None,
     corpus = corpora.prepare(dataset, data_dir=data_dir, source_path=source_path, text_key=text_key)
     skipped = tuple(getattr(corpus, "skipped", ()))
     if skipped:
-        log(f"skipped {len(skipped)} file(s) or line(s) that were not valid UTF-8 text: {', '.join(skipped[:5])}"
+        log(f"skipped {len(skipped)} file(s) or line(s) that are not text (invalid UTF-8, NUL bytes): {', '.join(skipped[:5])}"
             + (" ..." if len(skipped) > 5 else ""))
     sources = {split: corpus.as_data_source(split=split) for split in splits}
     directory = Path(data_dir) / "sparsek" / corpus.name / corpus.builder_config.name \
