@@ -152,7 +152,7 @@ def test_jit_vmap_dtypes(rng):
     (lambda: sk.sparsek(jnp.ones(4), -1.5), "k: expected a positive"),
     (lambda: sk.sparsek(jnp.ones(4, jnp.int32), 1), "z: expected a floating-point array, received dtype int32"),
     (lambda: sk.sparsek(jnp.ones(4), 1, mask=jnp.ones(3, bool)), r"mask: expected .* \(4,\), received shape \(3,\)"),
-    (lambda: sk.sparsek_threshold(jnp.float32(1.0), 1), r"z: expected an array with at least one axis"),
+    (lambda: sk.sparsek_threshold(jnp.float32(1.0), 1), r"z: expected an array with at least one entry along its last axis, received shape \(\)"),
 ])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
