@@ -2,7 +2,9 @@
 ``SPARSEK_TEST_SEED=random`` draws a fresh one (fuzzing). Every failure prints the seed that replays it."""
 
 import os
+import shutil
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -14,6 +16,19 @@ sys.path.insert(0, str(Path(__file__).parent))  # builders, oracles
 _REQUESTED = os.environ.get("SPARSEK_TEST_SEED", "0")
 _SESSION_SEED = (int(np.random.SeedSequence().entropy % (2**32)) if _REQUESTED == "random" else int(_REQUESTED))
 os.environ["SPARSEK_TEST_SEED"] = str(_SESSION_SEED)  # pytest-xdist workers inherit the same seed
+
+# Many tests (and the subprocesses the app tests start) compile the same tiny train and eval steps; one
+# persistent compilation cache for the session, shared by the xdist workers through the environment, compiles
+# each program once. A fresh directory per session, so no executable outlives the code that built it.
+_OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsek-tests-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_report_header(config):
