@@ -52,6 +52,13 @@ class SparseKAttention(nnx.Module):
         out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
         self.o_proj = param(rngs, out_init, (c.num_heads, c.head_dim, c.d_model), ("q_heads", "head_dim", "embed"),
                             dtype)
+        zeros = nnx.initializers.zeros_init()
+        self.q_bias, self.k_bias, self.v_bias = (
+            (param(rngs, zeros, (c.num_heads, c.head_dim), ("q_heads", "head_dim"), dtype),
+             param(rngs, zeros, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype),
+             param(rngs, zeros, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), dtype))
+            if c.qkv_bias else (None, None, None))
+        self.o_bias = param(rngs, zeros, (c.d_model,), ("embed",), dtype) if c.out_bias else None
         self.scorer = (ScoringNetwork(c.d_model, c.num_kv_heads, position_slope=c.position_slope, param_dtype=dtype,
                                       rngs=rngs) if kind == "sparsek" else None)
 
@@ -60,19 +67,25 @@ class SparseKAttention(nnx.Module):
         return 1.0 / float(self.config.head_dim) ** 0.5
 
     def _project(self, x, positions):
-        dtype = self.config.compute_dtype
+        c, dtype = self.config, self.config.compute_dtype
         x = x.astype(dtype)
-        q = jnp.einsum("bsm,mhd->bshd", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("bsm,mhd->bshd", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("bsm,mhd->bshd", x, self.v_proj[...].astype(dtype))
-        q = apply_rope(q, positions, base=self.config.rope_base)
-        k = apply_rope(k, positions, base=self.config.rope_base)
+
+        def projection(weight, bias):
+            y = jnp.einsum("bsm,mhd->bshd", x, weight[...].astype(dtype))
+            return y if bias is None else y + bias[...].astype(dtype)
+
+        q = projection(self.q_proj, self.q_bias)
+        k = projection(self.k_proj, self.k_bias)
+        v = projection(self.v_proj, self.v_bias)
+        q = apply_rope(q, positions, base=c.rope_base, scaling=c.rope_scaling)
+        k = apply_rope(k, positions, base=c.rope_base, scaling=c.rope_scaling)
         u = self.scorer(x, positions) if self.scorer is not None else None
         return q, k, v, u
 
     def _output(self, attended):
         dtype = self.config.compute_dtype
-        return jnp.einsum("bshd,hdm->bsm", attended.astype(dtype), self.o_proj[...].astype(dtype))
+        out = jnp.einsum("bshd,hdm->bsm", attended.astype(dtype), self.o_proj[...].astype(dtype))
+        return out if self.o_bias is None else out + self.o_bias[...].astype(dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x ``[batch, seq, d_model]``, positions ``[batch, seq]`` int, segment_ids ``[batch, seq]`` or None."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sparsek_jax import validation
 from sparsek_jax.block_sizes import BlockSizes
+from sparsek_jax.nn.rope import RopeScaling
 
 ATTENTION_KINDS = ("dense", "sliding", "sparsek")
 
@@ -22,6 +23,10 @@ class ModelConfig:
     same code. ``window`` is the sliding window of both ``sliding`` and ``sparsek`` layers; ``topk`` the
     keys a ``sparsek`` layer selects beyond it. ``position_slope`` is the ε of the scoring network
     (``u_j = x_j · w_score + ε j``).
+
+    ``scale_embeddings`` multiplies the input embeddings by ``sqrt(d_model)`` (and divides the tied output
+    projection by it); imported Llama-family checkpoints turn it off, as do ``qkv_bias`` (Qwen2) and
+    ``out_bias`` add the projections' biases of checkpoints that have them.
     """
 
     vocab_size: int
@@ -42,8 +47,12 @@ class ModelConfig:
     interpret: bool = False        # Pallas kernels in interpret mode (tests and debugging on CPU)
     buffer_size: int | None = None
     rope_base: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    scale_embeddings: bool = True
+    qkv_bias: bool = False         # biases of the q, k and v projections
+    out_bias: bool = False         # bias of the output projection
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"            # "none" or a jax.checkpoint_policies name, e.g. "nothing_saveable"
@@ -71,6 +80,9 @@ class ModelConfig:
             raise ValueError("ModelConfig.window: expected >= 1 for sliding layers, received 0")
         validation.check_choice("ModelConfig.gate", self.gate, validation.GATES)
         validation.check_choice("ModelConfig.implementation", self.implementation, validation.IMPLEMENTATIONS)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"ModelConfig.rope_scaling: expected a RopeScaling or None, received "
+                             f"{self.rope_scaling!r}")
         if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
             raise ValueError(f"ModelConfig.block_sizes: expected a BlockSizes or None, received {self.block_sizes!r}")
         validation.check_choice("ModelConfig.dense_implementation", self.dense_implementation,

@@ -108,12 +108,16 @@ class TransformerLM(nnx.Module):
         valid = (tokens >= 0) & (tokens < self.config.vocab_size)
         x = jnp.take(self.embed[...], jnp.where(valid, tokens, 0), axis=0).astype(self.config.compute_dtype)
         x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
-        return x * jnp.asarray(self.config.d_model ** 0.5, x.dtype), valid
+        return x * jnp.asarray(self._embedding_scale, x.dtype), valid
+
+    @property
+    def _embedding_scale(self) -> float:
+        return self.config.d_model ** 0.5 if self.config.scale_embeddings else 1.0
 
     def _logits(self, x, valid):
         x = self.final_norm(x).astype(self.config.compute_dtype)
         if self.unembed is None:
-            w = self.embed[...].astype(x.dtype).T / jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+            w = self.embed[...].astype(x.dtype).T / jnp.asarray(self._embedding_scale, x.dtype)
         else:
             w = self.unembed[...].astype(x.dtype)
         return jnp.where(valid[..., None], (x @ w).astype(jnp.float32), jnp.nan)
