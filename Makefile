@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # python3.12 from PATH, else from pyenv's versions directory.
 PYTHON312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
 
-.PHONY: demo tour test venv clean
+.PHONY: demo tour retrofit test venv clean
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (put python3.12 on PATH or set PYTHON312=/path/to/python3.12)" >&2; exit 1; fi
@@ -29,6 +29,11 @@ demo: venv
 # A tour of the operator and the attention (prints, and plots the selection pattern).
 tour: venv
 	$(PY) -m sparsek_jax.demo --out runs/tour
+
+# A dense demo model converted to SparseK and fine-tuned; held-out loss by position before and after
+# (docs/results.md).
+retrofit: venv
+	$(PY) -m benchmarks.retrofit_demo
 
 test: venv
 	$(PY) -m pytest -n 2 -m "not gpu and not tpu" --durations=12 tests

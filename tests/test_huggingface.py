@@ -142,3 +142,23 @@ def test_checkpoints_that_do_not_fit_are_named(tmp_path):
     with pytest.raises(hf.CheckpointFormatError, match="layer 0 is 'sparsek': the Hugging Face layout has no place"):
         hf.save_pretrained(hf.from_pretrained(FIXTURES / "llama", attention="sparsek", topk=2, window=2),
                            tmp_path / "out")
+
+
+def test_training_app_starts_from_a_pretrained_directory():
+    from sparsek_train.config import ConfigError
+    from sparsek_train.initial_weights import load_initial_weights
+
+    config = hf.model_config_from_pretrained(FIXTURES / "mistral", attention="sparsek", topk=3, window=4,
+                                             implementation="xla")
+    model = TransformerLM(config, rngs=nnx.Rngs(1))
+    messages = []
+    load_initial_weights(model, FIXTURES / "mistral", log=messages.append)
+    assert messages and "2 of them now sparsek" in messages[0]
+    np.testing.assert_allclose(logits_of(model), logits_of(hf.from_pretrained(
+        FIXTURES / "mistral", attention="sparsek", topk=3, window=4, implementation="xla")), atol=1e-6)
+    other = TransformerLM(ModelConfig(vocab_size=96, d_model=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                                      head_dim=8, mlp_dim=48), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"train.init_from: .* does not fit the model section \(model.d_model: 32 "
+                                          r"in the checkpoint, 48 in the config, .*model.scale_embeddings: False in "
+                                          r"the checkpoint, True in the config"):
+        load_initial_weights(other, FIXTURES / "mistral")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -325,3 +326,53 @@ def test_restore_names_a_mismatched_parameter(tmp_path):
     with pytest.raises(CheckpointError, match=r"model parameter blocks/0/attention/k_proj: expected shape "
                                               r"\(24, 1, 8\), the checkpoint holds \(16, 1, 8\)"):
         RunCheckpoints(tmp_path, read_only=True).restore(1, *model(24))
+
+
+def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_path):
+    from sparsek_train import app
+    from sparsek_train.checkpointing import CheckpointError, RunCheckpoints
+
+    dense_dir, converted_dir = tmp_path / "dense", tmp_path / "converted"
+    quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", dense_dir, **{
+        "train.steps": 2, "model.attention": "dense"})))
+    # Every step trains only the scorers and norms: the projections must come out as the dense run left them.
+    summary, messages = quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(
+        corpus, tmp_path / "data", converted_dir, **{"train.steps": 3, "train.init_from": str(dense_dir),
+                                                     "train.scorers_only_steps": 3, "model.window": 2})))
+    assert summary["step"] == 3
+    assert any(m.startswith("weights from") and "scoring-network parameters start at their initialisation" in m
+               for m in messages), messages
+
+    def saved(run_dir, step):
+        checkpoints = RunCheckpoints(run_dir / "checkpoints", read_only=True)
+        try:
+            meta = checkpoints.model_metadata(step)
+            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            return {k: np.asarray(v) for k, v in checkpoints.read_model(step, {
+                n: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu) for n, m in meta.items()}).items()}
+        finally:
+            checkpoints.close()
+
+    before, after = saved(dense_dir, 2), saved(converted_dir, 3)
+    assert sorted(set(after) - set(before)) == ["blocks/0/attention/scorer/w_score", "blocks/1/attention/scorer/w_score"]
+    for name, value in before.items():
+        if "norm" not in name:
+            np.testing.assert_array_equal(after[name], value, err_msg=name)
+    assert any(not np.array_equal(after[n], before[n]) for n in before if "norm" in n)
+    assert all(np.abs(after[n]).max() > 0 for n in after if "scorer" in n)
+    # Evaluation loads the dense run into the sparsek config too (the converted model before fine-tuning) and
+    # rejects a source whose parameters do not fit.
+    converted = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", converted_dir) + [
+        f"checkpoint={dense_dir}"])
+    session = app.load_session(converted, with_optimizer=False, log=lambda m: None)
+    np.testing.assert_array_equal(np.asarray(session.model.blocks[0].attention.q_proj[...]),
+                                  before["blocks/0/attention/q_proj"])
+    wider = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", converted_dir) + [
+        f"checkpoint={dense_dir}", "model.mlp_dim=64"])
+    with pytest.raises(CheckpointError, match=r"checkpoint: model parameter blocks/0/mlp/down: expected shape \(64, 32\), "
+                                         r"the checkpoint holds \(48, 32\)"):
+        app.load_session(wider, with_optimizer=False, log=lambda m: None)
+    with pytest.raises(ConfigError, match="train.init_from: expected a run directory, a checkpoint step directory or "
+                                          "a Hugging Face checkpoint directory"):
+        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", tmp_path / "x", **{
+            "train.init_from": str(tmp_path / "nothing")})))

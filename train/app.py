@@ -12,7 +12,7 @@ import jax
 import optax
 from flax import nnx
 
-from sparsek_train.checkpointing import RunCheckpoints, resolve_checkpoint
+from sparsek_train.checkpointing import resolve_checkpoint
 from sparsek_train.config import ConfigError, RunConfig, load_config
 from sparsek_train.sharding import activate, batch_sharding, create_sharded, make_mesh
 
@@ -45,10 +45,21 @@ def optimizer_transform(config: RunConfig):
     stops or skips it (``train.on_nonfinite``)."""
     t = config.train
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.apply_if_finite(optax.chain(
-        optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(learning_rate_schedule(config), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
-                    mask=decay_mask)), max_consecutive_errors=2**31 - 1)
+    steps = [optax.clip_by_global_norm(t.grad_clip),
+             optax.adamw(learning_rate_schedule(config), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
+                         mask=decay_mask)]
+    if t.scorers_only_steps:
+        steps.append(optax.masked(optax.scale_by_schedule(lambda count: count >= t.scorers_only_steps),
+                                  lambda params: jax.tree_util.tree_map_with_path(
+                                      lambda path, _: not _learns_first(path), params)))
+    return optax.apply_if_finite(optax.chain(*steps), max_consecutive_errors=2**31 - 1)
+
+
+def _learns_first(path) -> bool:
+    """The parameters that ``train.scorers_only_steps`` trains alone: scoring networks and norm scales (a
+    converted model adapts its selection before its projections move)."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return "scorer" in names or any(n.endswith("norm") for n in names)
 
 
 @dataclass
@@ -96,15 +107,16 @@ def build_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Sess
 
 
 def load_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Session:
-    """A session whose model is restored from ``config.checkpoint`` (a run dir or a step dir)."""
-    directory, step = resolve_checkpoint(config.checkpoint)
+    """A session whose model holds the weights of ``config.checkpoint``: a run dir or a step dir (whose model
+    may differ in its attention, see ``initial_weights``), or a Hugging Face checkpoint directory."""
+    from sparsek_train.initial_weights import is_pretrained_directory, load_initial_weights
+
     session = build_session(config, with_optimizer=with_optimizer, log=log)
-    checkpoints = RunCheckpoints(directory, read_only=True)
-    try:
-        with activate(session.mesh):
-            checkpoints.restore(step, session.model, session.optimizer)
-    finally:
-        checkpoints.close()
-    session.step = step
-    session.run_dir = directory.parent if directory.name == "checkpoints" else directory
+    with activate(session.mesh):
+        load_initial_weights(session.model, config.checkpoint, key="checkpoint", log=log)
+    if is_pretrained_directory(config.checkpoint):
+        session.run_dir = Path(config.train.run_dir)
+    else:
+        directory, session.step = resolve_checkpoint(config.checkpoint)
+        session.run_dir = directory.parent if directory.name == "checkpoints" else directory
     return session

@@ -90,6 +90,26 @@ class RunCheckpoints:
             nnx.update(targets[name], state)
         return restored["data"], restored["meta"]
 
+    def model_metadata(self, step: int) -> dict:
+        """The saved model arrays' metadata (``.shape``, ``.dtype``) by parameter name (``blocks/0/mlp/up``)."""
+        metadata = self.manager.item_metadata(step)["model"]
+        tree = getattr(metadata, "tree", metadata)
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+        if not flat:
+            raise CheckpointError(f"{self.directory} step {step}: the model's array metadata is missing or empty")
+        return {_path_name(path): leaf for path, leaf in flat}
+
+    def read_model(self, step: int, targets: dict) -> dict:
+        """The saved model arrays by name, each restored as ``targets[name]`` (a ``jax.ShapeDtypeStruct`` with
+        its sharding) says."""
+        metadata = self.manager.item_metadata(step)["model"]
+        tree = getattr(metadata, "tree", metadata)
+        abstract = jax.tree_util.tree_map_with_path(lambda path, leaf: targets[_path_name(path)], tree,
+                                                    is_leaf=lambda x: hasattr(x, "shape"))
+        restored = self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+        flat = jax.tree_util.tree_flatten_with_path(restored["model"])[0]
+        return {_path_name(path): leaf for path, leaf in flat}
+
     def restore_newest(self, model, optimizer=None, log=print) -> tuple[int, dict, dict] | None:
         """Restores the newest readable checkpoint: a step that cannot be read (a truncated or deleted file, an
         empty directory) is reported and the next older one is tried. ``None`` when there is no checkpoint;

@@ -80,6 +80,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"             # a non-finite loss or gradient: "stop" the run, or "skip" the step
     max_skipped_steps: int = 10            # with "skip": stop after this many non-finite steps in a row
     seed: int = 0
+    init_from: str | None = None           # a fresh run starts from these weights: a run or step dir, or a
+                                           # Hugging Face checkpoint dir; attention kinds may differ
+    scorers_only_steps: int = 0            # the first N steps train only the scoring networks and the norms
     log_every: int = 10
     eval_every: int = 0                    # 0: evaluate only at the end
     eval_batches: int = 4                  # batches per evaluation during training
@@ -123,6 +126,7 @@ _RANGES = (
     ("train.min_learning_rate_ratio", (0.0, True), (1.0, True)),
     ("train.eval_every", (0, True), None),
     ("train.max_skipped_steps", (1, True), None),
+    ("train.scorers_only_steps", (0, True), None),
     ("eval.batch_size", _POSITIVE, None),
 )
 

@@ -194,6 +194,11 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
         iterator.set_state(data_state)
         step = meta["step"]
         log(f"resumed from {directory / 'checkpoints' / str(latest)} at step {step}")
+    elif t.init_from:
+        from sparsek_train.initial_weights import load_initial_weights
+
+        with activate(session.mesh):
+            load_initial_weights(session.model, t.init_from, log=log)
     metrics.keep_until(step)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step, peak = _describe(session, packed, log), peak_flops()
