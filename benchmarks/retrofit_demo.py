@@ -1,6 +1,7 @@
 """The retrofit demo end to end on the CPU: train the demo model dense, convert it to SparseK, fine-tune it for
 a quarter of the steps, and compare held-out loss by position of the dense, the converted (before any
-fine-tuning) and the fine-tuned model.
+fine-tuning) and the fine-tuned model, and of the control: the dense model trained for the same extra steps
+with the same config except the attention (so the extra tokens are not credited to the conversion).
 
     python -m benchmarks.retrofit_demo          # or: make retrofit
 
@@ -21,6 +22,8 @@ from benchmarks import reporting
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
+ARMS = ("dense", "converted", "fine-tuned", "dense, same extra steps")
+CONTROL = ["model.attention=dense", "train.run_dir=runs/retrofit_demo_dense_control"]
 
 
 def run(*command: str) -> None:
@@ -28,8 +31,9 @@ def run(*command: str) -> None:
     subprocess.run([str(BIN / command[0]), *command[1:]], check=True, cwd=ROOT)
 
 
-def evaluate(config: str, checkpoint: str, output: Path, lengths: str) -> dict:
-    run("sparsek-eval", config, f"checkpoint={checkpoint}", f"eval.output={output}", f"eval.lengths={lengths}")
+def evaluate(config: str, checkpoint: str, output: Path, lengths: str, *overrides: str) -> dict:
+    run("sparsek-eval", config, *overrides, f"checkpoint={checkpoint}", f"eval.output={output}",
+        f"eval.lengths={lengths}")
     return json.loads(output.read_text())
 
 
@@ -40,7 +44,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for model in ("dense", "converted", "fine-tuned"):
+    for model in ARMS:
         points = [r for r in rows if r["model"] == model]
         ax.plot(range(len(points)), [r["loss"] for r in points], marker="o", label=model)
     labels = [r["positions"] for r in rows if r["model"] == "dense"]
@@ -57,10 +61,11 @@ def plot(rows, path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="[1024]", help="evaluation window lengths (YAML list)")
+    parser.add_argument("--lengths", default="[256, 1024]", help="evaluation window lengths (YAML list)")
     args = parser.parse_args(argv)
     run("sparsek-train", "configs/demo_dense.yaml")
     run("sparsek-train", "configs/retrofit_demo.yaml")
+    run("sparsek-train", "configs/retrofit_demo.yaml", *CONTROL)
     out = ROOT / "runs" / "retrofit_demo"
     reports = {
         "dense": evaluate("configs/demo_dense.yaml", "runs/demo_dense", out / "eval_dense.json", args.lengths),
@@ -68,6 +73,8 @@ def main(argv=None) -> int:
                               args.lengths),
         "fine-tuned": evaluate("configs/retrofit_demo.yaml", "runs/retrofit_demo", out / "eval_fine_tuned.json",
                                args.lengths),
+        "dense, same extra steps": evaluate("configs/retrofit_demo.yaml", "runs/retrofit_demo_dense_control",
+                                            out / "eval_dense_control.json", args.lengths, *CONTROL),
     }
     rows = []
     for model, report in reports.items():
@@ -77,8 +84,9 @@ def main(argv=None) -> int:
             rows += [{"model": model, "length": result["length"], "positions": b["positions"], "loss": b["loss"],
                       "tokens": b["tokens"], "checkpoint_step": report["checkpoint_step"]} for b in result["buckets"]]
     config = {"base": "configs/demo_dense.yaml (250 steps)", "retrofit": "configs/retrofit_demo.yaml (60 steps, "
-              "20 of them scorers and norms only)", "eval_lengths": args.lengths}
-    bucket_rows = [r for r in rows if r["positions"] != "all"]
+              "20 of them scorers and norms only)", "control": " ".join(["configs/retrofit_demo.yaml", *CONTROL]),
+              "eval_lengths": args.lengths}
+    bucket_rows = [r for r in rows if r["positions"] != "all" and r["length"] == max(r["length"] for r in rows)]
     reporting.publish("retrofit_demo_cpu", config, rows,
                       [("model", "model", ""), ("length", "window", "d"), ("positions", "positions", ""),
                        ("tokens", "tokens", ",d"), ("loss", "held-out loss", ".4f")],
