@@ -354,7 +354,7 @@ def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_p
             checkpoints.close()
 
     before, after = saved(dense_dir, 2), saved(converted_dir, 3)
-    assert sorted(set(after) - set(before)) == ["blocks/0/attention/scorer/w_score", "blocks/1/attention/scorer/w_score"]
+    assert sorted(set(after) - set(before)) == [f"blocks/{i}/attention/scorer/w_score" for i in (0, 1)]
     for name, value in before.items():
         if "norm" not in name:
             np.testing.assert_array_equal(after[name], value, err_msg=name)
@@ -369,8 +369,8 @@ def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_p
                                   before["blocks/0/attention/q_proj"])
     wider = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", converted_dir) + [
         f"checkpoint={dense_dir}", "model.mlp_dim=64"])
-    with pytest.raises(CheckpointError, match=r"checkpoint: model parameter blocks/0/mlp/down: expected shape \(64, 32\), "
-                                         r"the checkpoint holds \(48, 32\)"):
+    with pytest.raises(CheckpointError, match=r"checkpoint: model parameter blocks/0/mlp/down: expected shape "
+                                              r"\(64, 32\), the checkpoint holds \(48, 32\)"):
         app.load_session(wider, with_optimizer=False, log=lambda m: None)
     with pytest.raises(ConfigError, match="train.init_from: expected a run directory, a checkpoint step directory or "
                                           "a Hugging Face checkpoint directory"):

@@ -23,23 +23,24 @@ def _abstract(state: nnx.State):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state.to_pure_dict())
 
 
-def _path_name(path) -> str:
+def parameter_name(path) -> str:
+    """A pytree path as the name errors and logs use: ``blocks/0/attention/q_proj``."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def _check_shapes(name: str, saved, expected) -> None:
     """Every saved array has the shape the model expects; otherwise the first difference, by parameter name."""
     flat = jax.tree_util.tree_flatten_with_path(saved, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    saved_leaves = {_path_name(path): leaf for path, leaf in flat}  # saved keys are strings ("0"), ours ints
+    saved_leaves = {parameter_name(path): leaf for path, leaf in flat}  # saved keys are strings ("0"), ours ints
     if not saved_leaves:
         raise ValueError(f"{name}: the checkpoint's array metadata is missing or empty")
     for path, want in jax.tree_util.tree_flatten_with_path(expected)[0]:
-        got = saved_leaves.get(_path_name(path))
+        got = saved_leaves.get(parameter_name(path))
         if got is None:
-            raise CheckpointError(f"{name} parameter {_path_name(path)}: expected shape {tuple(want.shape)}, "
+            raise CheckpointError(f"{name} parameter {parameter_name(path)}: expected shape {tuple(want.shape)}, "
                                   f"missing from the checkpoint")
         if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(f"{name} parameter {_path_name(path)}: expected shape {tuple(want.shape)}, the "
+            raise CheckpointError(f"{name} parameter {parameter_name(path)}: expected shape {tuple(want.shape)}, the "
                                   f"checkpoint holds {tuple(got.shape)} (was it made with another model config?)")
 
 
@@ -97,18 +98,18 @@ class RunCheckpoints:
         flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
         if not flat:
             raise CheckpointError(f"{self.directory} step {step}: the model's array metadata is missing or empty")
-        return {_path_name(path): leaf for path, leaf in flat}
+        return {parameter_name(path): leaf for path, leaf in flat}
 
     def read_model(self, step: int, targets: dict) -> dict:
         """The saved model arrays by name, each restored as ``targets[name]`` (a ``jax.ShapeDtypeStruct`` with
         its sharding) says."""
         metadata = self.manager.item_metadata(step)["model"]
         tree = getattr(metadata, "tree", metadata)
-        abstract = jax.tree_util.tree_map_with_path(lambda path, leaf: targets[_path_name(path)], tree,
+        abstract = jax.tree_util.tree_map_with_path(lambda path, leaf: targets[parameter_name(path)], tree,
                                                     is_leaf=lambda x: hasattr(x, "shape"))
         restored = self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
         flat = jax.tree_util.tree_flatten_with_path(restored["model"])[0]
-        return {_path_name(path): leaf for path, leaf in flat}
+        return {parameter_name(path): leaf for path, leaf in flat}
 
     def restore_newest(self, model, optimizer=None, log=print) -> tuple[int, dict, dict] | None:
         """Restores the newest readable checkpoint: a step that cannot be read (a truncated or deleted file, an

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from sparsek_train.checkpointing import CheckpointError, RunCheckpoints, resolve_checkpoint
+from sparsek_train.checkpointing import CheckpointError, RunCheckpoints, parameter_name, resolve_checkpoint
 from sparsek_train.config import ConfigError
 
 # The Hugging Face config fields that define the architecture, and their ModelConfig names.
@@ -31,10 +31,6 @@ def is_pretrained_directory(path: str | Path) -> bool:
 
 def _is_scorer(name: str) -> bool:
     return "/scorer/" in f"/{name}/"
-
-
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def load_initial_weights(model, source: str | Path, *, key: str = "train.init_from", log=print) -> None:
@@ -71,7 +67,7 @@ def _from_run(model, source, key: str, log) -> None:
                           f"checkpoint directory (config.json + *.safetensors), received {str(source)!r}") from None
     state = nnx.state(model, nnx.Param)
     pure = state.to_pure_dict()
-    ours = {_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    ours = {parameter_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
     checkpoints = RunCheckpoints(directory, read_only=True)
     try:
         saved = checkpoints.model_metadata(step)
@@ -95,8 +91,12 @@ def _from_run(model, source, key: str, log) -> None:
         restored = checkpoints.read_model(step, targets)
     finally:
         checkpoints.close()
-    new = jax.tree_util.tree_map_with_path(
-        lambda p, leaf: restored[_name(p)].astype(leaf.dtype) if _name(p) in restored else leaf, pure)
+
+    def restored_or_kept(path, leaf):
+        name = parameter_name(path)
+        return restored[name].astype(leaf.dtype) if name in restored else leaf
+
+    new = jax.tree_util.tree_map_with_path(restored_or_kept, pure)
     nnx.replace_by_pure_dict(state, new)
     nnx.update(model, state)
     fresh = sorted(n for n in ours if n not in saved)
