@@ -63,8 +63,10 @@ def _from_run(model, source, key: str, log) -> None:
     try:
         directory, step = resolve_checkpoint(str(source))
     except ValueError:
+        missing = "" if Path(source).exists() else " (nothing is there: train the model to start from first)"
         raise ConfigError(f"{key}: expected a run directory, a checkpoint step directory or a Hugging Face "
-                          f"checkpoint directory (config.json + *.safetensors), received {str(source)!r}") from None
+                          f"checkpoint directory (config.json + *.safetensors), received {str(source)!r}"
+                          f"{missing}") from None
     state = nnx.state(model, nnx.Param)
     pure = state.to_pure_dict()
     ours = {parameter_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
