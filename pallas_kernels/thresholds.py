@@ -43,6 +43,26 @@ from sparsek_kernels.common import count_leading
 NEG_INF = float("-inf")
 
 
+class Launch(NamedTuple):
+    """Launch parameters of the three kernels (measured on the H200: ``benchmarks.gpu_threshold_tuning``).
+
+    lanes_per_program, lane_warps: lanes (one per vector element) and warps of each event-simulation program.
+    cut_state_warps, merge_warps: warps of each cut-state and each merge program.
+    work_efficient_scan: the summaries' prefix scan as ``lax.associative_scan`` (about ``2 log2(chunks)``
+      levels of merges, ``O(chunks)`` merges in all) instead of recursive doubling (``log2(chunks)`` levels of
+      ``chunks`` merges each).
+    """
+
+    lanes_per_program: int = 8
+    lane_warps: int = 1
+    cut_state_warps: int = 4
+    merge_warps: int = 4
+    work_efficient_scan: bool = True
+
+
+DEFAULT_LAUNCH = Launch()
+
+
 class Lists(NamedTuple):
     """What the lanes read, flattened to one axis per field (lane ``l`` owns ``[l * width, (l + 1) * width)``).
 
@@ -165,75 +185,92 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
     """The lane state for a visible set ``V = A[a_valid] + Q[q_vis]`` of more than ``k`` keys (one chunk).
 
     ``a_*`` [R] and ``q_*`` [C] are sorted by (score, position) descending; ``a_valid`` marks the entries of A
-    that are visible (a prefix), ``q_valid`` the real entries of Q (a prefix) and ``q_vis`` those in ``V``.
-    ``theta`` is found by two rank searches, ``tau`` by four binary searches run side by side (the largest
-    breakpoint ``b`` -- some ``z`` or ``z - 1`` -- with ``f(b) > k``), then the closed form on the linear piece
-    after it. Every ``f(b) > k`` decision sums clipped terms on exact grids (``_split_sums``).
+    that are visible (a prefix), ``q_valid`` the real entries of Q (a prefix) and ``q_vis`` those in ``V``;
+    ``q_vis=None``: no key of Q is visible (a chunk's start), which drops Q from every search.
+    ``theta`` is found by two rank searches (with Q invisible it is ``A[k - 1]``), ``tau`` by binary searches
+    run side by side over the breakpoint lists of the visible keys (``z`` and ``z - 1`` of A, and of Q: the
+    largest breakpoint ``b`` with ``f(b) > k``), then the closed form on the linear piece after it. Every
+    ``f(b) > k`` decision sums clipped terms on exact grids (``_split_sums``).
     """
     R, C = a_z.shape[0], q_z.shape[0]
     ia, iq = jnp.arange(R, dtype=jnp.int32), jnp.arange(C, dtype=jnp.int32)
     a_count = jnp.sum(a_valid, dtype=jnp.int32)
-
-    # theta: the visible key of rank k - 1. A key of Q outranks a key of A at equal score (it is newer).
-    def rank_a(i):  # rank of A[i] among V
-        z = _pick(a_z, i)
-        return i + jnp.sum(q_vis[None, :] & (q_z[None, :] >= z[:, None]), axis=1, dtype=jnp.int32)
-
-    def rank_q(j):  # visible keys ranked above Q[j]
-        z = _pick(q_z, j)
-        return (jnp.sum(q_vis[None, :] & (iq[None, :] < j[:, None]), axis=1, dtype=jnp.int32)
-                + jnp.sum(a_valid[None, :] & (a_z[None, :] > z[:, None]), axis=1, dtype=jnp.int32))
-
+    with_q = q_vis is not None
     one = (1,)
-    i_star = _leading(lambda i: rank_a(i) < k - 1, R, one)
-    from_a = (i_star < a_count) & (rank_a(jnp.minimum(i_star, R - 1)) == k - 1)
-    j_star = _leading(lambda j: rank_q(j) < k - 1, C, one)
-    j_vis = jnp.min(jnp.where(q_vis & (iq >= j_star), iq, C), keepdims=True)
-    theta = jnp.where(from_a, _pick(a_z, jnp.minimum(i_star, R - 1)), _pick(q_z, jnp.minimum(j_vis, C - 1)))
-    theta_pos = jnp.where(from_a, _pick(a_pos, jnp.minimum(i_star, R - 1)), _pick(q_pos, jnp.minimum(j_vis, C - 1)))
+
+    if with_q:
+        # theta: the visible key of rank k - 1. A key of Q outranks a key of A at equal score (it is newer).
+        def rank_a(i):  # rank of A[i] among V
+            z = _pick(a_z, i)
+            return i + jnp.sum(q_vis[None, :] & (q_z[None, :] >= z[:, None]), axis=1, dtype=jnp.int32)
+
+        def rank_q(j):  # visible keys ranked above Q[j]
+            z = _pick(q_z, j)
+            return (jnp.sum(q_vis[None, :] & (iq[None, :] < j[:, None]), axis=1, dtype=jnp.int32)
+                    + jnp.sum(a_valid[None, :] & (a_z[None, :] > z[:, None]), axis=1, dtype=jnp.int32))
+
+        i_star = _leading(lambda i: rank_a(i) < k - 1, R, one)
+        from_a = (i_star < a_count) & (rank_a(jnp.minimum(i_star, R - 1)) == k - 1)
+        j_star = _leading(lambda j: rank_q(j) < k - 1, C, one)
+        j_vis = jnp.min(jnp.where(q_vis & (iq >= j_star), iq, C), keepdims=True)
+        theta = jnp.where(from_a, _pick(a_z, jnp.minimum(i_star, R - 1)), _pick(q_z, jnp.minimum(j_vis, C - 1)))
+        theta_pos = jnp.where(from_a, _pick(a_pos, jnp.minimum(i_star, R - 1)),
+                              _pick(q_pos, jnp.minimum(j_vis, C - 1)))
+    else:
+        last = jnp.full(one, min(k, R) - 1, jnp.int32)
+        theta, theta_pos = _pick(a_z, last), _pick(a_pos, last)
+
+    def sums(x, valid, b):  # visible keys at or above b + 1, and the split sums of the fractional x - b
+        t = jnp.clip(x[None, :] - b[:, None], 0.0, 1.0)
+        ones = jnp.sum(valid[None, :] & (t == 1.0), axis=1, dtype=jnp.int32)
+        return ones, _split_sums(t, valid[None, :] & (t > 0.0) & (t < 1.0))
 
     # tau: f(b) = sum_V clip(z - b, 0, 1), compared with k on exact grids.
     def f_minus_k(b):  # b [P] -> [P], with the sign (and zero) of f(b) - k exact
-        ta = jnp.clip(a_z[None, :] - b[:, None], 0.0, 1.0)
-        tq = jnp.clip(q_z[None, :] - b[:, None], 0.0, 1.0)
-        ones = (jnp.sum(a_valid[None, :] & (ta == 1.0), axis=1, dtype=jnp.int32)
-                + jnp.sum(q_vis[None, :] & (tq == 1.0), axis=1, dtype=jnp.int32))
-        frac_a = a_valid[None, :] & (ta > 0.0) & (ta < 1.0)
-        frac_q = q_vis[None, :] & (tq > 0.0) & (tq < 1.0)
-        ha, ma, la = _split_sums(ta, frac_a)
-        hq, mq, lq = _split_sums(tq, frac_q)
-        excess = ((ha + hq) - (k - ones).astype(jnp.float32)) + (ma + mq)
-        return excess + (la + lq)
+        ones, (h, m, l) = sums(a_z, a_valid, b)
+        if with_q:
+            q_ones, (hq, mq, lq) = sums(q_z, q_vis, b)
+            ones, h, m, l = ones + q_ones, h + hq, m + mq, l + lq
+        excess = (h - (k - ones).astype(jnp.float32)) + m
+        return excess + l
 
     f_above_k = lambda b: f_minus_k(b) > 0.0
 
-    # Four descending lists of breakpoints (z and z - 1 of A and of Q), searched side by side. Invalid
-    # entries are set to the lowest value, where f > k holds anyway, so they never move a search.
-    lowest = jnp.minimum(jnp.min(jnp.where(a_valid, a_z, jnp.inf)), jnp.min(jnp.where(q_vis, q_z, jnp.inf))) - 2.0
+    # Descending lists of breakpoints (z and z - 1 of A, and of Q), searched side by side. Invalid entries are
+    # set to the lowest value, where f > k holds anyway, so they never move a search.
+    lowest = jnp.min(jnp.where(a_valid, a_z, jnp.inf))
+    if with_q:
+        lowest = jnp.minimum(lowest, jnp.min(jnp.where(q_vis, q_z, jnp.inf)))
+    lowest = lowest - 2.0
     a_list = jnp.where(a_valid, a_z, lowest)
     q_list = jnp.where(q_valid, q_z, lowest)
-    width = max(R, C)
+    width = max(R, C) if with_q else R
+    lists = 4 if with_q else 2
+    which = jnp.arange(lists, dtype=jnp.int32)  # z of A, z - 1 of A[, z of Q, z - 1 of Q]
 
-    which = jnp.arange(4, dtype=jnp.int32)  # lists: z of A, z - 1 of A, z of Q, z - 1 of Q
-
-    def points(i):  # i [4] -> the four lists' values at i (no slicing: it does not lower in Triton)
+    def points(i):  # i [lists] -> the lists' values at i (no slicing: it does not lower in Triton)
         va = jnp.where(i < R, _pick(a_list, jnp.minimum(i, R - 1)), lowest)
-        vq = jnp.where(i < C, _pick(q_list, jnp.minimum(i, C - 1)), lowest)
-        return jnp.where(which < 2, va, vq) - jnp.where(which % 2 == 1, 1.0, 0.0)
+        if with_q:
+            vq = jnp.where(i < C, _pick(q_list, jnp.minimum(i, C - 1)), lowest)
+            va = jnp.where(which < 2, va, vq)
+        return va - jnp.where(which % 2 == 1, 1.0, 0.0)
 
-    first = _leading(lambda i: ~f_above_k(points(i)), width, (4,))
+    first = _leading(lambda i: ~f_above_k(points(i)), width, (lists,))
     start = jnp.max(points(first))
     c0 = jnp.floor(start)
 
     def partition(t):  # visible |U|, |M| and the split sums of z - c0 over M at threshold t
         ua, ma = a_valid & (a_z - 1.0 > t), a_valid & (a_z > t)
-        uq, mq = q_vis & (q_z - 1.0 > t), q_vis & (q_z > t)
-        n_upper = jnp.sum(ua, dtype=jnp.int32) + jnp.sum(uq, dtype=jnp.int32)
-        n_mid = jnp.sum(ma & ~ua, dtype=jnp.int32) + jnp.sum(mq & ~uq, dtype=jnp.int32)
-        sa, sq = _split_sums(a_z - c0, ma & ~ua), _split_sums(q_z - c0, mq & ~uq)
-        s = sa[0] + sq[0]                      # exact
-        hi = s + (sa[1] + sq[1])
-        lo = ((s - hi) + (sa[1] + sq[1])) + (sa[2] + sq[2])
+        n_upper, n_mid = jnp.sum(ua, dtype=jnp.int32), jnp.sum(ma & ~ua, dtype=jnp.int32)
+        sa = _split_sums(a_z - c0, ma & ~ua)
+        if with_q:
+            uq, mq = q_vis & (q_z - 1.0 > t), q_vis & (q_z > t)
+            n_upper, n_mid = n_upper + jnp.sum(uq, dtype=jnp.int32), n_mid + jnp.sum(mq & ~uq, dtype=jnp.int32)
+            sq = _split_sums(q_z - c0, mq & ~uq)
+            sa = tuple(x + y for x, y in zip(sa, sq))
+        s = sa[0]                      # exact
+        hi = s + sa[1]
+        lo = ((s - hi) + sa[1]) + sa[2]
         return n_upper, n_mid, hi, lo
 
     n_upper, n_mid, hi, lo = partition(start)
@@ -243,8 +280,9 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
     # rounded past it.
     above = lambda z, valid: jnp.min(jnp.where(valid & (z > start), z, jnp.inf))
     upper_above = lambda z, valid: jnp.min(jnp.where(valid & (z - 1.0 > start), z - 1.0, jnp.inf))
-    next_point = jnp.minimum(jnp.minimum(above(a_z, a_valid), upper_above(a_z, a_valid)),
-                             jnp.minimum(above(q_z, q_vis), upper_above(q_z, q_vis)))
+    next_point = jnp.minimum(above(a_z, a_valid), upper_above(a_z, a_valid))
+    if with_q:
+        next_point = jnp.minimum(next_point, jnp.minimum(above(q_z, q_vis), upper_above(q_z, q_vis)))
     on_next = (f_minus_k(jnp.broadcast_to(next_point, (1,))) == 0.0) | (root >= next_point)
     # No fractional key after start: f is flat there and start is its left end, the smallest valid tau (only
     # reached when z - 1 rounds to z, at scores beyond 2**24, so that no breakpoint has f > k).
@@ -540,8 +578,9 @@ def _compiler_params(interpret: bool, num_warps: int):
 @functools.partial(jax.jit, static_argnames=("k", "buffer_size", "chunk", "block", "anchor_offset", "interpret",
                                              "lanes_per_program", "num_warps"))
 def pallas_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
-                 chunk: int, block: int, anchor_offset: int, interpret: bool = False, lanes_per_program: int = 16,
-                 num_warps: int = 1) -> Outputs:
+                 chunk: int, block: int, anchor_offset: int, interpret: bool = False,
+                 lanes_per_program: int = DEFAULT_LAUNCH.lanes_per_program,
+                 num_warps: int = DEFAULT_LAUNCH.lane_warps) -> Outputs:
     """``xla_lanes`` as a Pallas GPU (Triton) kernel: ``lanes_per_program`` lanes per program, one per vector
     element, each gathering from its own lists; the same ``run_lanes`` code, with stores to the output refs."""
     lanes = info.start.shape[0]
@@ -599,23 +638,25 @@ def _unpack(scalars):
     return tuple(jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, scalars, 0)) for n in range(4))
 
 
-def chunk_cut_state(a_z, a_pos, q_z, q_pos, q_seg, scalars, which, *, k: int) -> Cut:
-    """``cut_state`` of one chunk at its start (``which = 0``: the buffer alone) or at its first cut
-    (``which = 1``: the buffer if it is in that document, and the chunk's keys of that document up to the cut).
-    ``scalars`` = (a_count, a_doc, cut_pos, cut_doc), int32 [4]."""
+def chunk_cut_state(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, at_cut: bool, k: int) -> Cut:
+    """``cut_state`` of one chunk at its start (``at_cut=False``: the buffer alone) or at its first cut
+    (``at_cut=True``: the buffer if it is in that document, and the chunk's keys of that document up to the
+    cut). ``scalars`` = (a_count, a_doc, cut_pos, cut_doc), int32 [4]."""
     a_count, a_doc, cut_pos, cut_doc = _unpack(scalars)
-    at_cut = jnp.asarray(which) == 1
     ia = lax.iota(jnp.int32, a_z.shape[0])
-    a_valid = (ia < a_count) & (~at_cut | (a_doc == cut_doc))
     q_valid = q_pos >= 0
-    q_vis = at_cut & q_valid & (q_pos <= cut_pos) & (q_seg == cut_doc)
+    if not at_cut:
+        return cut_state(a_z, a_pos, ia < a_count, q_z, q_pos, q_valid, None, k=k)
+    a_valid = (ia < a_count) & (a_doc == cut_doc)
+    q_vis = q_valid & (q_pos <= cut_pos) & (q_seg == cut_doc)
     return cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, k=k)
 
 
 def xla_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int) -> tuple[Cut, Cut]:
     """(state at each chunk's start, state at its first cut) for ``[chunks, ...]`` inputs, in plain XLA."""
-    one = jax.vmap(functools.partial(chunk_cut_state, k=k), in_axes=(0, 0, 0, 0, 0, 0, None))
-    return one(a_z, a_pos, q_z, q_pos, q_seg, scalars, 0), one(a_z, a_pos, q_z, q_pos, q_seg, scalars, 1)
+    states = lambda at_cut: jax.vmap(functools.partial(chunk_cut_state, at_cut=at_cut, k=k))(
+        a_z, a_pos, q_z, q_pos, q_seg, scalars)
+    return states(False), states(True)
 
 
 def _pow2_columns(x, fill):
@@ -626,56 +667,57 @@ def _pow2_columns(x, fill):
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "num_warps"))
 def pallas_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int, interpret: bool = False,
-                      num_warps: int = 4) -> tuple[Cut, Cut]:
-    """``xla_cut_states`` as a Pallas GPU kernel: grid (2, chunks), one program per state. A state whose
-    visible set has at most ``k`` keys is skipped (zeros; the lanes do not read it)."""
+                      num_warps: int = DEFAULT_LAUNCH.cut_state_warps) -> tuple[Cut, Cut]:
+    """``xla_cut_states`` as two Pallas GPU kernels (the chunks' start states, the first cuts), one program
+    per chunk each. A state whose visible set has at most ``k`` keys is skipped (zeros; the lanes do not
+    read it): most chunks have no first cut."""
     a_z, a_pos = _pow2_columns(a_z, NEG_INF), _pow2_columns(a_pos, -1)
     q_z, q_pos, q_seg = _pow2_columns(q_z, NEG_INF), _pow2_columns(q_pos, -1), _pow2_columns(q_seg, -1)
     chunks, R = a_z.shape
     C = q_z.shape[1]
 
-    def kernel(a_z_ref, a_pos_ref, q_z_ref, q_pos_ref, q_seg_ref, scalars_ref, f_ref, i_ref):
-        which = pl.program_id(0)
-        scalars = scalars_ref[...]
-        a_count, _, cut_pos, _ = _unpack(scalars)
-        needed = jnp.where(which == 0, a_count > k, cut_pos >= 0)
+    def states(at_cut: bool) -> Cut:
+        def kernel(a_z_ref, a_pos_ref, q_z_ref, q_pos_ref, q_seg_ref, scalars_ref, f_ref, i_ref):
+            scalars = scalars_ref[...]
+            a_count, _, cut_pos, _ = _unpack(scalars)
+            needed = cut_pos >= 0 if at_cut else a_count > k
 
-        def compute(_):
-            st = chunk_cut_state(a_z_ref[...], a_pos_ref[...], q_z_ref[...], q_pos_ref[...], q_seg_ref[...],
-                                 scalars, which, k=k)
-            lane8, lane16 = lax.iota(jnp.int32, 8), lax.iota(jnp.int32, 16)
-            f = jnp.zeros((8,), jnp.float32)
-            for n, name in enumerate(_CUT_FLOATS):
-                f = jnp.where(lane8 == n, getattr(st, name), f)
-            i = jnp.zeros((16,), jnp.int32)
-            for n, name in enumerate(_CUT_INTS):
-                i = jnp.where(lane16 == n, getattr(st, name), i)
-            return f, i
+            def compute(_):
+                st = chunk_cut_state(a_z_ref[...], a_pos_ref[...], q_z_ref[...], q_pos_ref[...], q_seg_ref[...],
+                                     scalars, at_cut=at_cut, k=k)
+                lane8, lane16 = lax.iota(jnp.int32, 8), lax.iota(jnp.int32, 16)
+                f = jnp.zeros((8,), jnp.float32)
+                for n, name in enumerate(_CUT_FLOATS):
+                    f = jnp.where(lane8 == n, getattr(st, name), f)
+                i = jnp.zeros((16,), jnp.int32)
+                for n, name in enumerate(_CUT_INTS):
+                    i = jnp.where(lane16 == n, getattr(st, name), i)
+                return f, i
 
-        f, i = lax.cond(needed, compute, lambda _: (jnp.zeros((8,), jnp.float32), jnp.zeros((16,), jnp.int32)), 0)
-        f_ref[...] = f
-        i_ref[...] = i
+            empty = lambda _: (jnp.zeros((8,), jnp.float32), jnp.zeros((16,), jnp.int32))
+            f, i = lax.cond(needed, compute, empty, 0)
+            f_ref[...] = f
+            i_ref[...] = i
 
-    row = lambda w: pl.BlockSpec((None, w), lambda s, c: (c, 0))
-    out = lambda w: pl.BlockSpec((None, None, w), lambda s, c: (s, c, 0))
-    f, i = pl.pallas_call(kernel, grid=(2, chunks), in_specs=[row(R)] * 2 + [row(C)] * 3 + [row(4)],
-                          out_specs=[out(8), out(16)],
-                          out_shape=[jax.ShapeDtypeStruct((2, chunks, 8), jnp.float32),
-                                     jax.ShapeDtypeStruct((2, chunks, 16), jnp.int32)],
-                          interpret=interpret, name="sparsek_threshold_cut_states",
-                          compiler_params=_compiler_params(interpret, num_warps))(a_z, a_pos, q_z, q_pos, q_seg,
-                                                                                  scalars)
-
-    def cut(s):
-        fields = {name: f[s, :, n] for n, name in enumerate(_CUT_FLOATS)}
-        fields.update({name: i[s, :, n] for n, name in enumerate(_CUT_INTS)})
+        row = lambda w: pl.BlockSpec((None, w), lambda c: (c, 0))
+        f, i = pl.pallas_call(kernel, grid=(chunks,), in_specs=[row(R)] * 2 + [row(C)] * 3 + [row(4)],
+                              out_specs=[row(8), row(16)],
+                              out_shape=[jax.ShapeDtypeStruct((chunks, 8), jnp.float32),
+                                         jax.ShapeDtypeStruct((chunks, 16), jnp.int32)],
+                              interpret=interpret,
+                              name="sparsek_threshold_first_cuts" if at_cut else "sparsek_threshold_start_states",
+                              compiler_params=_compiler_params(interpret, num_warps))(a_z, a_pos, q_z, q_pos,
+                                                                                      q_seg, scalars)
+        fields = {name: f[:, n] for n, name in enumerate(_CUT_FLOATS)}
+        fields.update({name: i[:, n] for n, name in enumerate(_CUT_INTS)})
         return Cut(**fields)
 
-    return cut(0), cut(1)
+    return states(False), states(True)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
-def pallas_merge_lists(a_z, a_pos, b_z, b_pos, keep_b, *, interpret: bool = False, num_warps: int = 4):
+def pallas_merge_lists(a_z, a_pos, b_z, b_pos, keep_b, *, interpret: bool = False,
+                       num_warps: int = DEFAULT_LAUNCH.merge_warps):
     """Top ``R`` of two lists sorted by (score, position) descending, where every key of ``b`` is newer (it
     wins ties), one program per pair: each key's place in the merged list is its index plus its rank in the
     other list (a binary search there), then a scatter. ``keep_b`` [pairs] bool: return ``b`` unchanged.

@@ -173,11 +173,19 @@ class _Backend(NamedTuple):
     prefix_scan: Callable
 
 
-def threshold_backend(implementation: str, interpret: bool) -> _Backend:
+def threshold_backend(implementation: str, interpret: bool,
+                      launch: simulation.Launch = simulation.DEFAULT_LAUNCH) -> _Backend:
+    """The steps of ``implementation`` (``"xla"`` or ``"pallas_gpu"``); ``launch``: the kernels' launch
+    parameters (ignored by ``"xla"``)."""
     if implementation == "pallas_gpu":
-        return _Backend(functools.partial(simulation.pallas_merge_lists, interpret=interpret),
-                        functools.partial(simulation.pallas_cut_states, interpret=interpret),
-                        functools.partial(simulation.pallas_lanes, interpret=interpret), lax.associative_scan)
+        scan = lax.associative_scan if launch.work_efficient_scan else doubling_scan
+        return _Backend(functools.partial(simulation.pallas_merge_lists, interpret=interpret,
+                                          num_warps=launch.merge_warps),
+                        functools.partial(simulation.pallas_cut_states, interpret=interpret,
+                                          num_warps=launch.cut_state_warps),
+                        functools.partial(simulation.pallas_lanes, interpret=interpret,
+                                          lanes_per_program=launch.lanes_per_program, num_warps=launch.lane_warps),
+                        scan)
     return _Backend(_merge_lists_xla, simulation.xla_cut_states, simulation.xla_lanes, doubling_scan)
 
 
@@ -273,15 +281,17 @@ def _anchor_lists(ch: _Chunks, theta, theta_pos, segments, anchor_top, *, block_
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "window", "buffer_size", "block_size", "scan_block",
-                                             "implementation", "interpret", "with_anchors"))
+                                             "implementation", "interpret", "with_anchors", "launch"))
 def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size, scan_block,
-                       implementation="xla", interpret=False, with_anchors=True) -> BlockedThresholds:
+                       implementation="xla", interpret=False, with_anchors=True,
+                       launch: simulation.Launch = simulation.DEFAULT_LAUNCH) -> BlockedThresholds:
     """Thresholds of every query plus per-query-block anchors. scores float32 ``[batch, seq, kv_heads]``,
     segments int32 ``[batch, seq]``, ``topk >= 1``, ``buffer_size >= min(topk, seq)`` (raised to
     ``topk + 1`` inside where smaller: a buffer must hold the k-th key and the next). ``block_size``: queries
     per attention block (one anchor list each); ``scan_block``: keys per chunk (one lane each), a multiple of
     ``block_size``. ``implementation``: ``"xla"`` or ``"pallas_gpu"`` (the
-    Pallas GPU kernels; ``interpret=True``: interpret mode). ``with_anchors=False`` leaves ``anchors`` None."""
+    Pallas GPU kernels; ``interpret=True``: interpret mode; ``launch``: their launch parameters).
+    ``with_anchors=False`` leaves ``anchors`` None."""
     batch, seq, kv_heads = scores.shape
     if scan_block % block_size:
         raise ValueError(f"scan_block: expected a multiple of block_size={block_size}, received {scan_block}")
@@ -303,7 +313,7 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
     u = jnp.where(u == 0.0, 0.0, u)
     seg = jnp.broadcast_to(segments[:, None, :], (batch, kv_heads, seq)).reshape(rows, seq)
     R = max(buffer_size, min(topk + 1, seq))
-    backend = threshold_backend(implementation, interpret)
+    backend = threshold_backend(implementation, interpret, launch)
     ch = prepare_chunks(u, seg, topk=topk, buffer_size=R, chunk=scan_block, backend=backend)
     with jax.named_scope("lanes"):
         out = backend.lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, k=topk, buffer_size=R, chunk=scan_block,
