@@ -1,11 +1,10 @@
 """Launch parameters and chunk size of the thresholds' GPU kernels, and a per-kernel profile of one of them.
 
-    python -m benchmarks.gpu_threshold_tuning --seq 65536 --variants 256,16,4,4,1 128,16,8,4,1
-    python -m benchmarks.gpu_threshold_tuning --profile 256,16,4,4,1     # device time per kernel
+    python -m benchmarks.gpu_threshold_tuning --seq 65536 --variants 256,8,4,4 128,8,4,4
+    python -m benchmarks.gpu_threshold_tuning --profile 256,8,4,4     # device time per kernel
 
-A variant is ``chunk,lanes_per_program,cut_state_warps,merge_warps,work_efficient_scan`` (the fields of
-``sparsek_kernels.thresholds.Launch`` after the chunk; ``work_efficient_scan`` 1: ``lax.associative_scan``,
-0: recursive doubling). 12 heads, batch x seq = 65,536 scores, topk = window = 1024, the scores of
+A variant is ``chunk,lanes_per_program,cut_state_warps,scan_warps`` (the fields of
+``sparsek_kernels.thresholds.Launch`` after the chunk). 12 heads, batch x seq = 65,536 scores, topk = window = 1024, the scores of
 ``benchmarks.gpu_attention.make_inputs``; each variant: compile time and the median of 10 calls of
 ``blocked_thresholds`` (anchors included). ``--profile`` traces 5 calls of one variant with ``jax.profiler``
 and sums the device time of every kernel (Triton kernels by their ``pallas_call`` name, XLA fusions by
@@ -33,9 +32,8 @@ from sparsek_kernels.thresholds import Launch
 
 
 def parse_variant(text: str) -> tuple[int, Launch]:
-    chunk, lanes, cut_warps, merge_warps, efficient = (int(x) for x in text.split(","))
-    return chunk, Launch(lanes_per_program=lanes, cut_state_warps=cut_warps, merge_warps=merge_warps,
-                         work_efficient_scan=bool(efficient))
+    chunk, lanes, cut_warps, scan_warps = (int(x) for x in text.split(","))
+    return chunk, Launch(lanes_per_program=lanes, cut_state_warps=cut_warps, scan_warps=scan_warps)
 
 
 def threshold_fn(seq: int, topk: int, window: int, chunk: int, launch: Launch, interpret: bool):
@@ -69,7 +67,7 @@ def device_time_by_kernel(trace_dir: Path, calls: int) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=65536)
-    parser.add_argument("--variants", nargs="*", default=["256,16,4,4,1"])
+    parser.add_argument("--variants", nargs="*", default=["256,8,4,4"])
     parser.add_argument("--profile", default=None, help="a variant to trace")
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=1024)

@@ -23,9 +23,10 @@ makes the candidate set exceed ``k``) comes from a vectorised search over the so
 
 Every function here is written once on arrays of lanes and runs both as plain XLA (all lanes at once, the
 path used on CPU and TPU and the twin the kernels are tested against) and inside ``pallas_call`` (a block of
-lanes per program, the same code reading and writing refs). Three Pallas GPU kernels: ``pallas_lanes`` (the
-event simulation), ``pallas_cut_states`` (the state a lane starts from) and ``pallas_merge_lists`` (the
-combine of the associative scan that builds the buffers).
+lanes per program, the same code reading and writing refs). The Pallas GPU kernels: ``pallas_lanes`` (the
+event simulation), ``pallas_cut_states`` (the states lanes start from) and ``pallas_exclusive_scan`` (the
+tree scan of chunk summaries that builds the buffers; its XLA twin is a doubling scan with the same combine
+written with XLA's scatter, exact in both, so the two agree bit for bit).
 """
 
 from __future__ import annotations
@@ -47,17 +48,14 @@ class Launch(NamedTuple):
     """Launch parameters of the three kernels (measured on the H200: ``benchmarks.gpu_threshold_tuning``).
 
     lanes_per_program, lane_warps: lanes (one per vector element) and warps of each event-simulation program.
-    cut_state_warps, merge_warps: warps of each cut-state and each merge program.
-    work_efficient_scan: the summaries' prefix scan as ``lax.associative_scan`` (about ``2 log2(chunks)``
-      levels of merges, ``O(chunks)`` merges in all) instead of recursive doubling (``log2(chunks)`` levels of
-      ``chunks`` merges each).
+    cut_state_warps, scan_warps: warps of each cut-state program and of each program of the summaries' tree
+      scan.
     """
 
     lanes_per_program: int = 8
     lane_warps: int = 1
     cut_state_warps: int = 4
-    merge_warps: int = 4
-    work_efficient_scan: bool = True
+    scan_warps: int = 4
 
 
 DEFAULT_LAUNCH = Launch()
@@ -715,42 +713,116 @@ def pallas_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int, interpr
     return states(False), states(True)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
-def pallas_merge_lists(a_z, a_pos, b_z, b_pos, keep_b, *, interpret: bool = False,
-                       num_warps: int = DEFAULT_LAUNCH.merge_warps):
-    """Top ``R`` of two lists sorted by (score, position) descending, where every key of ``b`` is newer (it
-    wins ties), one program per pair: each key's place in the merged list is its index plus its rank in the
-    other list (a binary search there), then a scatter. ``keep_b`` [pairs] bool: return ``b`` unchanged.
-    Arrays ``[pairs, R]``; returns (z, pos) ``[pairs, R]`` and the largest score that did not fit."""
-    pairs, R = a_z.shape
-    if pairs == 0:  # lax.associative_scan combines empty slices of short sequences
-        return a_z, a_pos, jnp.zeros((0,), jnp.float32)
-    a_z, a_pos, b_z, b_pos = (_pow2_columns(x, f) for x, f in ((a_z, NEG_INF), (a_pos, -1), (b_z, NEG_INF),
-                                                            (b_pos, -1)))
-    W = a_z.shape[1]
+class Summaries(NamedTuple):
+    """Prefix summaries of chunks, ``[rows, n, ...]``: the top ``R`` keys of the range's last document sorted
+    by (score, position) descending (``z``, ``pos``; padding ``-inf`` / ``-1``, columns padded to a power of
+    two), ``dropped`` ``[rows, n, 1]`` the largest score cut from them, and ``docs`` int32 ``[rows, n, 4]``: the
+    document of the range's first and last key, whether a document starts inside, and 0."""
 
-    def kernel(a_z_ref, a_pos_ref, b_z_ref, b_pos_ref, keep_ref, z_ref, pos_ref, dropped_ref):
-        az, bz = a_z_ref[...], b_z_ref[...]
-        index = lax.iota(jnp.int32, W)
-        keep = jnp.max(keep_ref[...]) > 0
-        b_rank = _leading(lambda j: b_z_ref[j] >= az, W, (W,))   # b keys at or above each a key
-        a_rank = _leading(lambda i: a_z_ref[i] > bz, W, (W,))    # a keys strictly above each b key
-        dest_a = jnp.where(keep, R, jnp.minimum(index + b_rank, R))
-        dest_b = jnp.where(keep, jnp.minimum(index, R), jnp.minimum(index + a_rank, R))
-        z_ref[dest_a] = az
-        pos_ref[dest_a] = a_pos_ref[...]
-        z_ref[dest_b] = bz
-        pos_ref[dest_b] = b_pos_ref[...]
-        lost = jnp.maximum(jnp.max(jnp.where((dest_a >= R) & ~keep, az, NEG_INF)),
-                           jnp.max(jnp.where(index + jnp.where(keep, 0, a_rank) >= R, bz, NEG_INF)))
-        dropped_ref[...] = jnp.full((1,), lost, jnp.float32)
+    z: jax.Array
+    pos: jax.Array
+    dropped: jax.Array
+    docs: jax.Array
 
-    row = lambda w: pl.BlockSpec((None, w), lambda p: (p, 0))
-    z, pos, dropped = pl.pallas_call(
-        kernel, grid=(pairs,), in_specs=[row(W)] * 4 + [row(1)], out_specs=[row(W + 1), row(W + 1), row(1)],
-        out_shape=[jax.ShapeDtypeStruct((pairs, W + 1), jnp.float32), jax.ShapeDtypeStruct((pairs, W + 1), jnp.int32),
-                   jax.ShapeDtypeStruct((pairs, 1), jnp.float32)],
-        interpret=interpret, name="sparsek_threshold_merge", compiler_params=_compiler_params(interpret, num_warps))(
-        a_z, a_pos, b_z, b_pos, keep_b.astype(jnp.int32)[:, None])
-    return z[:, :R], pos[:, :R], dropped[:, 0]
 
+def _merged_top(a_z, a_pos, b_z, b_pos, read_a, read_b, slots):
+    """Keys ``slots`` (an int vector) of the merge of two lists sorted by (score, position) descending, where
+    every key of b is newer (it wins ties), by merge path: slot ``p`` holds ``a[i]`` or ``b[p - i]``, with ``i``
+    the number of a's keys among the first ``p`` (one binary search of gathers per slot, no scatter).
+    ``read_a(field, idx)`` / ``read_b`` gather ``z`` or ``pos``; ``a_*`` / ``b_*`` are the loaded lists."""
+    width = a_z.shape[0]
+    top = width - 1
+    i = count_leading(lambda j: (j < slots) & (read_a("z", j) > read_b("z", jnp.clip(slots - j - 1, 0, top))),
+                      jnp.zeros_like(slots), jnp.minimum(slots, width), int(width).bit_length())
+    j = slots - i
+    az, apos = read_a("z", jnp.minimum(i, top)), read_a("pos", jnp.minimum(i, top))
+    bz, bpos = read_b("z", jnp.clip(j, 0, top)), read_b("pos", jnp.clip(j, 0, top))
+    from_a = (i < width) & ((j >= width) | (az > bz))
+    return jnp.where(from_a, az, bz), jnp.where(from_a, apos, bpos)
+
+
+def _combine_in_kernel(a, b, read_a, read_b, buffer_size: int):
+    """``a`` then ``b`` (each (z [W], pos [W], dropped [1], docs [4]) loaded from refs): the summary of the two
+    ranges, as ``sparsek_jax.thresholds`` combines them with XLA."""
+    (a_z, a_pos, a_dropped, a_docs), (b_z, b_pos, b_dropped, b_docs) = a, b
+    width = a_z.shape[0]
+    field = lambda docs, n: jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, docs, 0))
+    boundary = (field(b_docs, 2) > 0) | (field(a_docs, 1) != field(b_docs, 0))  # b is not a's continuation
+    slots = lax.iota(jnp.int32, width)
+    z, pos = _merged_top(a_z, a_pos, b_z, b_pos, read_a, read_b, slots)
+    kept = slots < buffer_size
+    z, pos = jnp.where(boundary, b_z, jnp.where(kept, z, NEG_INF)), jnp.where(boundary, b_pos, jnp.where(kept, pos, -1))
+    lost, _ = _merged_top(a_z, a_pos, b_z, b_pos, read_a, read_b, jnp.full((1,), buffer_size, jnp.int32))
+    dropped = jnp.where(boundary, b_dropped, jnp.maximum(jnp.maximum(a_dropped, b_dropped), lost))
+    index = lax.iota(jnp.int32, 4)
+    docs = jnp.where(index == 0, field(a_docs, 0), jnp.where(index == 1, field(b_docs, 1), jnp.where(
+        index == 2, ((field(a_docs, 2) > 0) | boundary).astype(jnp.int32), 0)))
+    return z, pos, dropped, docs
+
+
+@functools.partial(jax.jit, static_argnames=("buffer_size", "interpret", "num_warps"))
+def pallas_exclusive_scan(leaves: Summaries, *, buffer_size: int, interpret: bool = False,
+                          num_warps: int = DEFAULT_LAUNCH.scan_warps) -> Summaries:
+    """Exclusive prefix summaries along axis 1 (element ``c``: the chunks before ``c``; element 0: empty) by
+    a work-efficient tree scan, one ``pallas_call`` per level: an up-sweep of pairwise combines (``n - 1`` in
+    all), then a down-sweep that hands every node's prefix to its left child and combines it with the left
+    child's sum for its right child. Each level reads its pairs and writes its outputs through block index
+    maps, so no level copies or interleaves arrays outside the kernels. ``n`` is padded to a power of two."""
+    rows, n, width = leaves.z.shape
+    levels = max(n - 1, 0).bit_length()
+    pad = (1 << levels) - n
+    empty = Summaries(jnp.full((rows, 1, width), NEG_INF, jnp.float32), jnp.full((rows, 1, width), -1, jnp.int32),
+                      jnp.full((rows, 1, 1), NEG_INF, jnp.float32),
+                      jnp.broadcast_to(jnp.asarray([-2, -2, 0, 0], jnp.int32), (rows, 1, 4)))
+    # Padding after the last chunk never reaches an earlier chunk's exclusive prefix.
+    leaves = Summaries(*(jnp.concatenate([x, jnp.broadcast_to(e, (rows, pad) + x.shape[2:])], axis=1)
+                         for x, e in zip(leaves, empty)))
+    shapes = lambda m, d: [jax.ShapeDtypeStruct((rows, m) + d + (w,), t) for w, t in
+                           ((width, jnp.float32), (width, jnp.int32), (1, jnp.float32), (4, jnp.int32))]
+    block = lambda w, pick: pl.BlockSpec((None, None, w), lambda r, i: (r, pick(i), 0))
+    params = _compiler_params(interpret, num_warps)
+
+    def loaded(refs):
+        z_ref, pos_ref, dropped_ref, docs_ref = refs
+        reader = lambda f, idx: (z_ref if f == "z" else pos_ref)[idx]
+        return (z_ref[...], pos_ref[...], dropped_ref[...], docs_ref[...]), reader
+
+    def specs(pick):
+        return [block(w, pick) for w in (width, width, 1, 4)]
+
+    # Up-sweep: sums[l] has n / 2**l nodes; node i of level l + 1 combines nodes 2i and 2i + 1 of level l.
+    sums = [leaves]
+    for level in range(levels):
+        m = sums[-1].z.shape[1] // 2
+
+        def up(*refs):
+            (a, read_a), (b, read_b) = loaded(refs[0:4]), loaded(refs[4:8])
+            for ref, value in zip(refs[8:], _combine_in_kernel(a, b, read_a, read_b, buffer_size)):
+                ref[...] = value
+
+        src = sums[-1]
+        out = pl.pallas_call(up, grid=(rows, m), in_specs=specs(lambda i: 2 * i) + specs(lambda i: 2 * i + 1),
+                             out_specs=specs(lambda i: i), out_shape=shapes(m, ()), interpret=interpret,
+                             name="sparsek_threshold_scan_up", compiler_params=params)(*src, *src)
+        sums.append(Summaries(*out))
+
+    # Down-sweep: prefix of the root is empty; a node's left child gets its prefix, the right child the
+    # prefix combined with the left child's sum. Children are written as one [2, ...] block per node.
+    prefix = empty
+    for level in reversed(range(levels)):
+        m = sums[level].z.shape[1] // 2
+
+        def down(*refs):
+            (p, read_p), (left, read_left) = loaded(refs[0:4]), loaded(refs[4:8])
+            right = _combine_in_kernel(p, left, read_p, read_left, buffer_size)
+            for ref, first, second in zip(refs[8:], p, right):
+                row = lax.broadcasted_iota(jnp.int32, (2,) + first.shape, 0)
+                ref[...] = jnp.where(row == 0, first[None], second[None])
+
+        pair = lambda w: pl.BlockSpec((None, None, 2, w), lambda r, i: (r, i, 0, 0))
+        out = pl.pallas_call(down, grid=(rows, m), in_specs=specs(lambda i: i) + specs(lambda i: 2 * i),
+                             out_specs=[pair(w) for w in (width, width, 1, 4)], out_shape=shapes(m, (2,)),
+                             interpret=interpret, name="sparsek_threshold_scan_down",
+                             compiler_params=params)(*prefix, *sums[level])
+        prefix = Summaries(*(x.reshape((rows, 2 * m) + x.shape[3:]) for x in out))
+    return Summaries(*(x[:, :n] for x in prefix))

@@ -70,7 +70,10 @@ def _sorted_desc(scores, pos):
 
 
 def _merge_lists_xla(a_scores, a_pos, b_scores, b_pos, keep_b):
-    """Top R of two sorted lists (b newer), batched over the first axis; see ``simulation.pallas_merge_lists``."""
+    """Top R of two sorted lists by (score, position) descending, where every key of b is newer (it wins
+    ties), batched over the first axis: each key's place in the merged list is its index plus its rank in the
+    other list, then a scatter. ``keep_b`` [pairs] bool: return ``b`` unchanged. Returns (scores, positions)
+    and the largest score that did not fit (``-inf`` where ``keep_b``)."""
     buffer_size = a_scores.shape[-1]
 
     def merge(a_scores, a_pos, b_scores, b_pos):
@@ -91,7 +94,7 @@ def _merge_lists_xla(a_scores, a_pos, b_scores, b_pos, keep_b):
             jnp.where(keep_b, -jnp.inf, scores[:, buffer_size]))
 
 
-def _merge_summaries(a, b, *, merge_lists=_merge_lists_xla):
+def _merge_summaries(a, b):
     """Associative combine of two prefix summaries (a before b), batched over leading axes.
 
     A summary is (scores [R], positions [R], dropped, first_segment, last_segment, reset): the top R keys
@@ -105,7 +108,7 @@ def _merge_summaries(a, b, *, merge_lists=_merge_lists_xla):
     lead = a_scores.shape[:-1]
     flat = lambda x: x.reshape((-1, buffer_size))
     boundary = b_reset | (a_last != b_first)  # b starts (or contains) a new document: a is not its past
-    scores, pos, lost = merge_lists(flat(a_scores), flat(a_pos), flat(b_scores), flat(b_pos), boundary.reshape(-1))
+    scores, pos, lost = _merge_lists_xla(flat(a_scores), flat(a_pos), flat(b_scores), flat(b_pos), boundary.reshape(-1))
     dropped = jnp.maximum(jnp.maximum(a_dropped, b_dropped), lost.reshape(lead))
     return (scores.reshape(lead + (buffer_size,)), pos.reshape(lead + (buffer_size,)),
             jnp.where(boundary, b_dropped, dropped), a_first, b_last, a_reset | boundary)
@@ -163,11 +166,36 @@ def doubling_scan(combine, elems, axis: int = 0):
     return lax.fori_loop(0, max(length - 1, 0).bit_length(), step, elems)
 
 
-class _Backend(NamedTuple):
-    """The heavy steps, in plain XLA or as Pallas GPU kernels (the same code), and the prefix scan: rolled on
-    the XLA path (CPU and TPU compile one program for every length), work-efficient with the kernels."""
+def _start_buffers_xla(summary):
+    """Exclusive prefix of per-chunk summaries along axis 1 (a rolled doubling scan, then a shift by one):
+    (scores [rows, chunks, R], positions, dropped [rows, chunks], document of the last key)."""
+    inclusive = doubling_scan(_merge_summaries, summary, axis=1)
+    rows, _, R = summary[0].shape
+    empty = (jnp.full((rows, 1, R), -jnp.inf, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
+             jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.full((rows, 1), -2, jnp.int32),
+             jnp.full((rows, 1), -2, jnp.int32), jnp.zeros((rows, 1), bool))
+    a_z, a_pos, a_dropped, _, a_doc, _ = (jnp.concatenate([e, x[:, :-1]], axis=1) for e, x in zip(empty, inclusive))
+    return a_z, a_pos, a_dropped, a_doc
 
-    merge_lists: Callable
+
+def _start_buffers_pallas(summary, *, interpret: bool, num_warps: int):
+    """``_start_buffers_xla`` by the tree-scan kernels (``simulation.pallas_exclusive_scan``)."""
+    z, pos, dropped, first, last, reset = summary
+    R = z.shape[-1]
+    width = 1 << max(R - 1, 0).bit_length()
+    columns = lambda x, fill: jnp.pad(x, [(0, 0), (0, 0), (0, width - R)], constant_values=fill)
+    docs = jnp.stack([first, last, reset.astype(jnp.int32), jnp.zeros_like(first)], axis=-1)
+    out = simulation.pallas_exclusive_scan(
+        simulation.Summaries(columns(z, -jnp.inf), columns(pos, -1), dropped[..., None], docs), buffer_size=R,
+        interpret=interpret, num_warps=num_warps)
+    return out.z[..., :R], out.pos[..., :R], out.dropped[..., 0], out.docs[..., 1]
+
+
+class _Backend(NamedTuple):
+    """The heavy steps, in plain XLA or as Pallas GPU kernels, and the small prefix scans: rolled on the XLA
+    path (CPU and TPU compile one program for every length), work-efficient with the kernels."""
+
+    start_buffers: Callable
     cut_states: Callable
     lanes: Callable
     prefix_scan: Callable
@@ -178,15 +206,13 @@ def threshold_backend(implementation: str, interpret: bool,
     """The steps of ``implementation`` (``"xla"`` or ``"pallas_gpu"``); ``launch``: the kernels' launch
     parameters (ignored by ``"xla"``)."""
     if implementation == "pallas_gpu":
-        scan = lax.associative_scan if launch.work_efficient_scan else doubling_scan
-        return _Backend(functools.partial(simulation.pallas_merge_lists, interpret=interpret,
-                                          num_warps=launch.merge_warps),
+        return _Backend(functools.partial(_start_buffers_pallas, interpret=interpret, num_warps=launch.scan_warps),
                         functools.partial(simulation.pallas_cut_states, interpret=interpret,
                                           num_warps=launch.cut_state_warps),
                         functools.partial(simulation.pallas_lanes, interpret=interpret,
                                           lanes_per_program=launch.lanes_per_program, num_warps=launch.lane_warps),
-                        scan)
-    return _Backend(_merge_lists_xla, simulation.xla_cut_states, simulation.xla_lanes, doubling_scan)
+                        lax.associative_scan)
+    return _Backend(_start_buffers_xla, simulation.xla_cut_states, simulation.xla_lanes, doubling_scan)
 
 
 def prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
@@ -223,12 +249,7 @@ def prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
         chunk_change = jnp.pad(change, [(0, 0), (0, 1)]).reshape(rows, num_chunks, C)[:, :, :C - 1]
         summary = (summary_z[..., :R], summary_pos[..., :R], jnp.max(summary_z[..., R:], axis=-1, initial=-jnp.inf),
                    seg[:, starts], last_seg, jnp.any(chunk_change, axis=-1))
-        inclusive = backend.prefix_scan(functools.partial(_merge_summaries, merge_lists=backend.merge_lists), summary,
-                                        axis=1)
-        empty = (jnp.full((rows, 1, R), -jnp.inf, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
-                 jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.full((rows, 1), -2, jnp.int32),
-                 jnp.full((rows, 1), -2, jnp.int32), jnp.zeros((rows, 1), bool))
-        a_z, a_pos, a_dropped, _, a_doc, _ = (jnp.concatenate([e, x[:, :-1]], axis=1) for e, x in zip(empty, inclusive))
+        a_z, a_pos, a_dropped, a_doc = backend.start_buffers(summary)
         a_count = jnp.sum(a_pos >= 0, axis=-1, dtype=jnp.int32)
 
     # Keys of the current document before each position; where each chunk's first cut begins.
@@ -268,13 +289,15 @@ def _anchor_lists(ch: _Chunks, theta, theta_pos, segments, anchor_top, *, block_
     seq = theta.shape[1]
     at_row = lambda x, fill: jnp.where(row_pos < seq, jnp.take(x, jnp.minimum(row_pos, seq - 1), axis=1), fill)
     th, th_pos, row_seg = at_row(theta, jnp.inf), at_row(theta_pos, seq), at_row(segments, -3)
-    chunk_of = jnp.arange(key_blocks) // per_chunk
-    q_z, q_pos, q_seg = (x[:, chunk_of] for x in (ch.q_z, ch.q_pos, ch.q_seg))   # [rows, key_blocks, C]
+    # Every key block reads its chunk's lists: a broadcast (which XLA fuses into the consumers), not a gather.
+    per_block = lambda x: jnp.broadcast_to(x[:, :, None], (rows, num_chunks, per_chunk) + x.shape[2:]).reshape(
+        (rows, key_blocks) + x.shape[2:])
+    q_z, q_pos, q_seg = (per_block(x) for x in (ch.q_z, ch.q_pos, ch.q_seg))   # [rows, key_blocks, C]
     chosen = ((q_pos >= 0) & (q_pos <= row_pos[:, None]) & (q_seg == row_seg[..., None])
               & is_selected(q_z, q_pos, th[..., None], th_pos[..., None]))
     anchor_top = jnp.where(row_pos < seq, anchor_top, 0)  # rows past the sequence were never emitted
     slot = jnp.arange(anchor_count, dtype=jnp.int32)
-    from_buffer = ch.a_pos[:, chunk_of, :anchor_count]
+    from_buffer = per_block(ch.a_pos[:, :, :anchor_count])
     anchors = jnp.where(slot < anchor_top[..., None], from_buffer, -1)
     dest = jnp.where(chosen, anchor_top[..., None] + jnp.cumsum(chosen, axis=2) - 1, anchor_count)
     return jax.vmap(jax.vmap(lambda row, d, p: row.at[d].set(p, mode="drop")))(anchors, dest, q_pos)

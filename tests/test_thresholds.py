@@ -231,26 +231,48 @@ def test_pallas_kernels_match_xla_exactly(rng, seq, heads, topk, window, ties, s
     np.testing.assert_array_equal(np.asarray(xla.theta), exp_theta.astype(np.float32))
 
 
-def test_merge_kernel_matches_xla(rng):
-    # The scan's combine: top R of two sorted lists (b newer: it wins ties), or b alone across a document start.
-    from sparsek_kernels.thresholds import pallas_merge_lists
-    from sparsek_jax.thresholds import _merge_lists_xla, _sorted_desc
-    pairs, R = 6, 12
-
-    def sorted_list(count):
-        z = np.round(rng.normal(size=(pairs, R)) * 2) / 2
-        z = np.where(np.arange(R) < count[:, None], z, -np.inf).astype(np.float32)
-        pos = np.where(np.isfinite(z), np.broadcast_to(rng.permutation(100)[:R], (pairs, R)), -1)
-        return _sorted_desc(jnp.asarray(z), jnp.asarray(pos, jnp.int32))
-
-    a = sorted_list(rng.integers(0, R + 1, size=pairs))
-    b = sorted_list(rng.integers(0, R + 1, size=pairs))
-    b = (b[0], jnp.where(b[1] >= 0, b[1] + 100, -1))  # b's keys are newer
-    keep = jnp.asarray(rng.random(pairs) < 0.3)
-    want = _merge_lists_xla(*a, *b, keep)
-    got = pallas_merge_lists(*a, *b, keep, interpret=True)
-    for name, g, w in zip(("scores", "positions", "dropped"), got, want):
+@pytest.mark.parametrize("chunks, R", [(7, 12), (8, 16), (1, 5), (13, 3)])
+def test_summary_scan_kernels_match_xla(rng, chunks, R):
+    # The start buffers: the tree-scan kernels (interpret mode) against the XLA doubling scan, exactly. Chunks
+    # of 6 keys with tied scores, several documents (some starting inside a chunk, some at its first key),
+    # buffers that are not a power of two wide and chunk counts that are not a power of two.
+    from sparsek_jax.thresholds import _sorted_desc, _start_buffers_pallas, _start_buffers_xla
+    rows, C = 3, 6
+    z = (np.round(rng.normal(size=(rows, chunks * C)) * 2) / 2).astype(np.float32)
+    docs = np.cumsum(rng.random((rows, chunks * C)) < 0.08, axis=1).astype(np.int32)
+    pos = np.broadcast_to(np.arange(chunks * C, dtype=np.int32), (rows, chunks * C))
+    chunked = lambda x: x.reshape(rows, chunks, C)
+    last = chunked(docs)[:, :, -1]
+    in_last = chunked(docs) == last[..., None]
+    sz, spos = _sorted_desc(jnp.asarray(np.where(in_last, chunked(z), -np.inf)),
+                            jnp.asarray(np.where(in_last, chunked(pos), -1)))
+    width = max(R, C)
+    pad = lambda x, fill: jnp.pad(x, [(0, 0), (0, 0), (0, width - C)], constant_values=fill)
+    sz, spos = pad(sz, -jnp.inf), pad(spos, -1)
+    summary = (sz[..., :R], spos[..., :R], jnp.max(sz[..., R:], axis=-1, initial=-jnp.inf),
+               jnp.asarray(chunked(docs)[:, :, 0]), jnp.asarray(last),
+               jnp.asarray(np.any(np.diff(chunked(docs), axis=2) != 0, axis=2)))
+    want = _start_buffers_xla(summary)
+    got = _start_buffers_pallas(summary, interpret=True, num_warps=4)
+    for name, g, w in zip(("scores", "positions", "dropped", "document"), got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+
+
+def test_gpu_kernels_lower_to_triton(monkeypatch):
+    # Every kernel of the GPU path lowers to Triton IR (no GPU needed: Pallas is told it targets sm_90), which
+    # catches primitives the Triton lowering lacks before any device time is spent.
+    import types
+    from jax._src.pallas.triton import pallas_call_registration
+    from sparsek_jax.thresholds import blocked_thresholds
+    monkeypatch.setattr(pallas_call_registration, "gpu_info_lib", types.SimpleNamespace(
+        get_gpu_info=lambda: types.SimpleNamespace(compute_capability="9.0")))
+    f = jax.jit(lambda u, s: blocked_thresholds(u, s, topk=64, window=64, buffer_size=128, block_size=64,
+                                                scan_block=256, implementation="pallas_gpu"))
+    text = f.trace(jnp.zeros((2, 1024, 2)), jnp.zeros((2, 1024), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    names = ("scan_up", "scan_down", "start_states", "first_cuts", "lanes")
+    missing = [n for n in names if f"sparsek_threshold_{n}" not in text]
+    assert not missing, f"kernels not lowered: {missing}"
 
 
 FUZZ_RUNS = int(os.environ.get("SPARSEK_FUZZ", "0"))
