@@ -15,7 +15,8 @@ Structure used:
   only move one way.
 
 The keys are cut into chunks; every chunk's buffer (the top R keys before it, in its document) comes from an
-associative scan of per-chunk summaries, merged by counting ranks. Then one lane per chunk replays the chunk
+exclusive scan of per-chunk summaries (merged by counting ranks; a rolled doubling scan on the XLA path, a
+tree of kernels on the GPU). Then one lane per chunk replays the chunk
 key by key as an event simulation (``sparsek_kernels.thresholds``): counts of the keys with gate 1 and with a
 fractional gate, a float-float sum of the latter, pointers into the sorted buffer and the sorted chunk.
 Memory is ``O(n R / C)`` per row of scores, time ``O(n log R)`` plus ``O(C)`` events per chunk. The XLA path
@@ -217,7 +218,7 @@ def threshold_backend(implementation: str, interpret: bool,
 
 def prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
                     backend: _Backend = threshold_backend("xla", False)) -> _Chunks:
-    """Sorted chunk lists, start buffers (an associative scan of per-chunk top-R summaries), document
+    """Sorted chunk lists, start buffers (an exclusive scan of per-chunk top-R summaries), document
     counts and the cut states every lane starts from. scores float32 [rows, seq], segments int32 [rows, seq]."""
     rows, seq = scores.shape
     R, C = buffer_size, chunk
