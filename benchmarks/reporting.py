@@ -30,8 +30,15 @@ def environment() -> dict:
         "device_count": jax.device_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "command": " ".join(["python"] + sys.argv),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """How the running benchmark was started, as ``python -m benchmarks.<name> ...``: no machine's paths."""
+    script = Path(sys.argv[0])
+    module = f"-m benchmarks.{script.stem}" if script.parent.name == "benchmarks" else script.name
+    return " ".join(["python", module] + sys.argv[1:])
 
 
 def write_json(name: str, config: dict, rows: list[dict]) -> Path:
