@@ -4,8 +4,8 @@
     python -m benchmarks.gpu_threshold_tuning --profile 256,8,4,4     # device time per kernel
 
 A variant is ``chunk,lanes_per_program,cut_state_warps,scan_warps`` (the fields of
-``sparsek_kernels.thresholds.Launch`` after the chunk). 12 heads, batch x seq = 65,536 scores, topk = window = 1024, the scores of
-``benchmarks.gpu_attention.make_inputs``; each variant: compile time and the median of 10 calls of
+``sparsek_kernels.thresholds.Launch`` after the chunk). 12 heads, batch x seq = 65,536 scores, topk = window =
+1024, the scores of ``benchmarks.gpu_attention.make_inputs``; each variant: compile time and the median of 10 calls of
 ``blocked_thresholds`` (anchors included). ``--profile`` traces 5 calls of one variant with ``jax.profiler``
 and sums the device time of every kernel (Triton kernels by their ``pallas_call`` name, XLA fusions by
 theirs). Peak device memory is the process's so far. Writes benchmarks/results/gpu_threshold_tuning.json.

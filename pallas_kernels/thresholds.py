@@ -45,7 +45,7 @@ NEG_INF = float("-inf")
 
 
 class Launch(NamedTuple):
-    """Launch parameters of the three kernels (measured on the H200: ``benchmarks.gpu_threshold_tuning``).
+    """Launch parameters of the threshold kernels (measured on the H200: ``benchmarks.gpu_threshold_tuning``).
 
     lanes_per_program, lane_warps: lanes (one per vector element) and warps of each event-simulation program.
     cut_state_warps, scan_warps: warps of each cut-state program and of each program of the summaries' tree
@@ -715,9 +715,9 @@ def pallas_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int, interpr
 
 class Summaries(NamedTuple):
     """Prefix summaries of chunks, ``[rows, n, ...]``: the top ``R`` keys of the range's last document sorted
-    by (score, position) descending (``z``, ``pos``; padding ``-inf`` / ``-1``, columns padded to a power of
-    two), ``dropped`` ``[rows, n, 1]`` the largest score cut from them, and ``docs`` int32 ``[rows, n, 4]``: the
-    document of the range's first and last key, whether a document starts inside, and 0."""
+    by (score, position) descending (``z``, ``pos``; padding ``-inf`` / ``-1``), ``dropped`` ``[rows, n, 1]``
+    the largest score cut from them, and ``docs`` int32 ``[rows, n, 4]``: the document of the range's first
+    and last key, whether a document starts inside, and 0."""
 
     z: jax.Array
     pos: jax.Array
@@ -725,12 +725,11 @@ class Summaries(NamedTuple):
     docs: jax.Array
 
 
-def _merged_top(a_z, a_pos, b_z, b_pos, read_a, read_b, slots):
-    """Keys ``slots`` (an int vector) of the merge of two lists sorted by (score, position) descending, where
-    every key of b is newer (it wins ties), by merge path: slot ``p`` holds ``a[i]`` or ``b[p - i]``, with ``i``
-    the number of a's keys among the first ``p`` (one binary search of gathers per slot, no scatter).
-    ``read_a(field, idx)`` / ``read_b`` gather ``z`` or ``pos``; ``a_*`` / ``b_*`` are the loaded lists."""
-    width = a_z.shape[0]
+def _merged_top(read_a, read_b, slots, width: int):
+    """Keys ``slots`` (an int vector) of the merge of two lists of ``width`` keys sorted by (score, position)
+    descending, where every key of b is newer (it wins ties), by merge path: slot ``p`` holds ``a[i]`` or
+    ``b[p - i]``, with ``i`` the number of a's keys among the first ``p`` (one binary search of gathers per
+    slot, no scatter). ``read_a(field, idx)`` / ``read_b`` gather ``z`` or ``pos``."""
     top = width - 1
     i = count_leading(lambda j: (j < slots) & (read_a("z", j) > read_b("z", jnp.clip(slots - j - 1, 0, top))),
                       jnp.zeros_like(slots), jnp.minimum(slots, width), int(width).bit_length())
@@ -744,15 +743,16 @@ def _merged_top(a_z, a_pos, b_z, b_pos, read_a, read_b, slots):
 def _combine_in_kernel(a, b, read_a, read_b, buffer_size: int):
     """``a`` then ``b`` (each (z [W], pos [W], dropped [1], docs [4]) loaded from refs): the summary of the two
     ranges, as ``sparsek_jax.thresholds`` combines them with XLA."""
-    (a_z, a_pos, a_dropped, a_docs), (b_z, b_pos, b_dropped, b_docs) = a, b
+    (a_z, _, a_dropped, a_docs), (b_z, b_pos, b_dropped, b_docs) = a, b
     width = a_z.shape[0]
     field = lambda docs, n: jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, docs, 0))
     boundary = (field(b_docs, 2) > 0) | (field(a_docs, 1) != field(b_docs, 0))  # b is not a's continuation
     slots = lax.iota(jnp.int32, width)
-    z, pos = _merged_top(a_z, a_pos, b_z, b_pos, read_a, read_b, slots)
+    z, pos = _merged_top(read_a, read_b, slots, width)
     kept = slots < buffer_size
-    z, pos = jnp.where(boundary, b_z, jnp.where(kept, z, NEG_INF)), jnp.where(boundary, b_pos, jnp.where(kept, pos, -1))
-    lost, _ = _merged_top(a_z, a_pos, b_z, b_pos, read_a, read_b, jnp.full((1,), buffer_size, jnp.int32))
+    z = jnp.where(boundary, b_z, jnp.where(kept, z, NEG_INF))
+    pos = jnp.where(boundary, b_pos, jnp.where(kept, pos, -1))
+    lost, _ = _merged_top(read_a, read_b, jnp.full((1,), buffer_size, jnp.int32), width)
     dropped = jnp.where(boundary, b_dropped, jnp.maximum(jnp.maximum(a_dropped, b_dropped), lost))
     index = lax.iota(jnp.int32, 4)
     docs = jnp.where(index == 0, field(a_docs, 0), jnp.where(index == 1, field(b_docs, 1), jnp.where(
@@ -760,15 +760,18 @@ def _combine_in_kernel(a, b, read_a, read_b, buffer_size: int):
     return z, pos, dropped, docs
 
 
-@functools.partial(jax.jit, static_argnames=("buffer_size", "interpret", "num_warps"))
-def pallas_exclusive_scan(leaves: Summaries, *, buffer_size: int, interpret: bool = False,
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+def pallas_exclusive_scan(leaves: Summaries, *, interpret: bool = False,
                           num_warps: int = DEFAULT_LAUNCH.scan_warps) -> Summaries:
     """Exclusive prefix summaries along axis 1 (element ``c``: the chunks before ``c``; element 0: empty) by
     a work-efficient tree scan, one ``pallas_call`` per level: an up-sweep of pairwise combines (``n - 1`` in
     all), then a down-sweep that hands every node's prefix to its left child and combines it with the left
     child's sum for its right child. Each level reads its pairs and writes its outputs through block index
-    maps, so no level copies or interleaves arrays outside the kernels. ``n`` is padded to a power of two."""
-    rows, n, width = leaves.z.shape
+    maps, so no level copies or interleaves arrays outside the kernels. ``n`` and the lists' width ``R`` are
+    padded to powers of two inside."""
+    rows, n, buffer_size = leaves.z.shape
+    leaves = leaves._replace(z=_pow2_columns(leaves.z, NEG_INF), pos=_pow2_columns(leaves.pos, -1))
+    width = leaves.z.shape[-1]
     levels = max(n - 1, 0).bit_length()
     pad = (1 << levels) - n
     empty = Summaries(jnp.full((rows, 1, width), NEG_INF, jnp.float32), jnp.full((rows, 1, width), -1, jnp.int32),
@@ -825,4 +828,5 @@ def pallas_exclusive_scan(leaves: Summaries, *, buffer_size: int, interpret: boo
                              interpret=interpret, name="sparsek_threshold_scan_down",
                              compiler_params=params)(*prefix, *sums[level])
         prefix = Summaries(*(x.reshape((rows, 2 * m) + x.shape[3:]) for x in out))
-    return Summaries(*(x[:, :n] for x in prefix))
+    return Summaries(prefix.z[:, :n, :buffer_size], prefix.pos[:, :n, :buffer_size], prefix.dropped[:, :n],
+                     prefix.docs[:, :n])

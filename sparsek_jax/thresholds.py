@@ -16,9 +16,9 @@ Structure used:
 
 The keys are cut into chunks; every chunk's buffer (the top R keys before it, in its document) comes from an
 exclusive scan of per-chunk summaries (merged by counting ranks; a rolled doubling scan on the XLA path, a
-tree of kernels on the GPU). Then one lane per chunk replays the chunk
-key by key as an event simulation (``sparsek_kernels.thresholds``): counts of the keys with gate 1 and with a
-fractional gate, a float-float sum of the latter, pointers into the sorted buffer and the sorted chunk.
+tree of kernels on the GPU). Then one lane per chunk replays the chunk key by key as an event simulation
+(``sparsek_kernels.thresholds``): counts of the keys with gate 1 and with a fractional gate, a float-float
+sum of the latter, pointers into the sorted buffer and the sorted chunk.
 Memory is ``O(n R / C)`` per row of scores, time ``O(n log R)`` plus ``O(C)`` events per chunk. The XLA path
 and the Pallas GPU kernels run the same code (docs/operator.md, docs/kernels.md).
 
@@ -109,7 +109,8 @@ def _merge_summaries(a, b):
     lead = a_scores.shape[:-1]
     flat = lambda x: x.reshape((-1, buffer_size))
     boundary = b_reset | (a_last != b_first)  # b starts (or contains) a new document: a is not its past
-    scores, pos, lost = _merge_lists_xla(flat(a_scores), flat(a_pos), flat(b_scores), flat(b_pos), boundary.reshape(-1))
+    scores, pos, lost = _merge_lists_xla(flat(a_scores), flat(a_pos), flat(b_scores), flat(b_pos),
+                                         boundary.reshape(-1))
     dropped = jnp.maximum(jnp.maximum(a_dropped, b_dropped), lost.reshape(lead))
     return (scores.reshape(lead + (buffer_size,)), pos.reshape(lead + (buffer_size,)),
             jnp.where(boundary, b_dropped, dropped), a_first, b_last, a_reset | boundary)
@@ -182,14 +183,10 @@ def _start_buffers_xla(summary):
 def _start_buffers_pallas(summary, *, interpret: bool, num_warps: int):
     """``_start_buffers_xla`` by the tree-scan kernels (``simulation.pallas_exclusive_scan``)."""
     z, pos, dropped, first, last, reset = summary
-    R = z.shape[-1]
-    width = 1 << max(R - 1, 0).bit_length()
-    columns = lambda x, fill: jnp.pad(x, [(0, 0), (0, 0), (0, width - R)], constant_values=fill)
     docs = jnp.stack([first, last, reset.astype(jnp.int32), jnp.zeros_like(first)], axis=-1)
-    out = simulation.pallas_exclusive_scan(
-        simulation.Summaries(columns(z, -jnp.inf), columns(pos, -1), dropped[..., None], docs), buffer_size=R,
-        interpret=interpret, num_warps=num_warps)
-    return out.z[..., :R], out.pos[..., :R], out.dropped[..., 0], out.docs[..., 1]
+    out = simulation.pallas_exclusive_scan(simulation.Summaries(z, pos, dropped[..., None], docs),
+                                           interpret=interpret, num_warps=num_warps)
+    return out.z, out.pos, out.dropped[..., 0], out.docs[..., 1]
 
 
 class _Backend(NamedTuple):
