@@ -5,6 +5,7 @@ The functional core (no Flax): the SPARSEK operator, prefix thresholds, the dens
 """
 
 from sparsek_jax.attention import sparsek_attention
+from sparsek_jax.block_topk import block_topk_attention
 from sparsek_jax.block_sizes import BlockSizes
 from sparsek_jax.blocked import MeshAxes
 from sparsek_jax.operator import sparsek, sparsek_threshold
@@ -17,6 +18,7 @@ __all__ = [
     "MeshAxes",
     "ThresholdInfo",
     "attention_pattern",
+    "block_topk_attention",
     "default_buffer_size",
     "is_selected",
     "prefix_thresholds",

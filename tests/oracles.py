@@ -71,3 +71,34 @@ def sparsek_attention_np(q, k, v, u, *, topk, window, gate="value", segment_ids=
                     p = p * gates
                 out[b, i, h] = p @ v[b, keys, hk]
     return out
+
+
+def block_topk_attention_np(q, k, v, *, topk, window, block_size, segment_ids=None, scale=None):
+    """Loop-by-loop query-dependent block top-k attention in float64: per query, its candidates grouped by
+    block, each block scored by q . (mean of its candidates' keys), the topk // block_size best (ties: lower
+    block first) joining the window in one plain softmax."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, seq, q_heads, dim = q.shape
+    group = q_heads // k.shape[2]
+    scale = 1.0 / np.sqrt(dim) if scale is None else scale
+    seg = np.zeros((batch, seq), int) if segment_ids is None else np.asarray(segment_ids)
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for h in range(q_heads):
+            hk = h // group
+            for i in range(seq):
+                doc = [j for j in range(i + 1) if seg[b, j] == seg[b, i]]
+                win = [j for j in doc if j > i - window]
+                blocks = {}
+                for j in doc:
+                    if j <= i - window:
+                        blocks.setdefault(j // block_size, []).append(j)
+                pooled = {c: q[b, i, h] @ k[b, members, hk].mean(axis=0) for c, members in blocks.items()}
+                best = sorted(blocks, key=lambda c: (-pooled[c], c))[: topk // block_size]
+                keys = sorted(set(win).union(*(blocks[c] for c in best)))
+                if not keys:
+                    continue
+                logits = np.array([q[b, i, h] @ k[b, j, hk] * scale for j in keys])
+                p = np.exp(logits - logits.max())
+                out[b, i, h] = (p / p.sum()) @ v[b, keys, hk]
+    return out

@@ -182,7 +182,7 @@ def test_generate_options(rng):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(attention="flash"), "ModelConfig.attention: expected one of 'dense', 'sliding', 'sparsek', received 'flash'"),
+    (dict(attention="flash"), "ModelConfig.attention: expected one of 'dense', 'sliding', 'sparsek', 'block_topk', received 'flash'"),
     (dict(num_heads=5), "ModelConfig.num_heads: expected a multiple of num_kv_heads=2, received 5"),
     (dict(attention=("dense",)), r"ModelConfig.attention: expected one kind or 2 kinds \(num_layers\), received 1"),
     (dict(remat="sometimes"), "ModelConfig.remat: expected 'none' or one of"),

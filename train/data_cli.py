@@ -23,6 +23,11 @@ def main(argv=None) -> int:
         print(f"sparsek-data: config error: {error}", file=sys.stderr)
         return 2
 
+    from sparsek_train.config import RECALL
+
+    if config.data.dataset == RECALL:
+        print(f"sparsek-data: {RECALL!r} is generated while training; nothing to prepare")
+        return 0
     import tensorflow_datasets as tfds
 
     from sparsek_jax.data import prepare_data, statistics

@@ -18,7 +18,7 @@ def keys_per_query(kind: str, seq_len: int, topk: int, window: int) -> float:
     positions = range(seq_len)
     if kind == "dense":
         return (seq_len + 1) / 2
-    if kind == "sliding":
+    if kind == "sliding":  # sparsek and block_topk below: the window plus up to topk older keys
         return sum(min(p + 1, window) for p in positions) / seq_len
     return sum(min(p + 1, window) + min(max(p + 1 - window, 0), topk) for p in positions) / seq_len
 

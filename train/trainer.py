@@ -21,8 +21,7 @@ import optax
 from flax import nnx
 
 from sparsek_jax import data
-from sparsek_train import app
-from sparsek_train import run_dir
+from sparsek_train import app, run_dir, tasks
 from sparsek_train.checkpointing import CheckpointError, RunCheckpoints
 from sparsek_train.config import ConfigError, RunConfig, dump_config
 from sparsek_train.evaluate import evaluate, make_eval_step
@@ -30,35 +29,49 @@ from sparsek_train.metrics import MetricsWriter, Progress, peak_flops, training_
 from sparsek_train.sharding import activate
 
 
-def next_token_loss(model, batch):
-    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+def next_token_loss(model, batch, teacher: bool = False):
+    """Mean cross-entropy over the tokens of ``loss_mask`` (every token of a text batch; the answers of a
+    recall batch), and the scorers' distillation loss: with ``teacher`` the SparseK layers attend densely
+    and their scorers learn from that attention (``TransformerLM.teacher_forward``); else 0. Returns
+    ``(total, (cross_entropy, distillation))``."""
+    inputs = (batch["inputs"],)
+    kwargs = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
+    logits, distill = model.teacher_forward(*inputs, **kwargs) if teacher else (model(*inputs, **kwargs), 0.0)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss + distill, (loss, jnp.asarray(distill, jnp.float32))
 
 
-def make_train_step(accumulate: int):
+def make_train_step(accumulate: int, *, teacher: bool = False):
     """One optimizer step; with ``accumulate > 1`` the batch is split into microbatches whose gradients are
-    averaged under ``lax.scan`` (one microbatch's activations alive at a time)."""
+    averaged under ``lax.scan`` (one microbatch's activations alive at a time). ``teacher``: a scorer
+    distillation step (``next_token_loss``)."""
+    loss_fn = lambda model, batch: next_token_loss(model, batch, teacher)
 
     @nnx.jit(donate_argnums=(0, 1))
     def train_step(model, optimizer, batch):
         if accumulate == 1:
-            loss, grads = nnx.value_and_grad(next_token_loss)(model, batch)
+            (_, (loss, distill)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
         else:
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             micro = jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), batch)
 
             def accumulate_one(carry, microbatch):
-                loss_sum, grad_sum = carry
-                loss, grads = jax.value_and_grad(
-                    lambda p: next_token_loss(nnx.merge(graphdef, p, rest), microbatch))(params)
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+                loss_sum, distill_sum, grad_sum = carry
+                (_, (loss, distill)), grads = jax.value_and_grad(
+                    lambda p: loss_fn(nnx.merge(graphdef, p, rest), microbatch), has_aux=True)(params)
+                return (loss_sum + loss, distill_sum + distill, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), zeros), micro)
-            loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
+            scalar = jnp.zeros((), jnp.float32)
+            (loss, distill, grads), _ = jax.lax.scan(accumulate_one, (scalar, scalar, zeros), micro)
+            loss, distill = loss / accumulate, distill / accumulate
+            grads = jax.tree.map(lambda g: g / accumulate, grads)
         grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)  # applies nothing unless the gradients are finite (optimizer_transform)
-        return {"loss": loss, "grad_norm": grad_norm, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+        return {"loss": loss, "distill_loss": distill, "grad_norm": grad_norm,
+                "finite": jnp.isfinite(loss) & jnp.isfinite(distill) & jnp.isfinite(grad_norm)}
 
     return train_step
 
@@ -118,32 +131,45 @@ class _StopRequest:
 
 
 class _Evaluation:
-    """Held-out evaluation during and after training, written to the metrics."""
+    """Held-out evaluation during and after training, written to the metrics: the loss of the first set
+    (documents, or the recall task) and the answer accuracy of every set with answers."""
 
     def __init__(self, session, metrics: MetricsWriter):
         config = session.config
         self.session, self.metrics = session, metrics
-        self.split = session.prepared.splits["validation"]
-        self.windows = data.DocumentWindows(self.split, config.data.eval_seq_len)
-        self.step_fn = make_eval_step()
+        self.sets = tasks.evaluation_sets(config, session.prepared, config.data.eval_seq_len,
+                                          examples=config.train.eval_batches * config.data.eval_batch_size)
+        self.step_fn = make_eval_step(session.model_config, answers=True)
 
     def __call__(self, step: int) -> dict:
         config = self.session.config
-        result = evaluate(self.session.model, self.windows, batch_size=config.data.eval_batch_size,
-                          bytes_per_token=self.split.bytes_per_token, sharding=self.session.batch_sharding,
-                          max_batches=config.train.eval_batches, step_fn=self.step_fn)
-        self.metrics.write({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-                            "eval_bits_per_byte": result["bits_per_byte"]})
-        return result
+        record, first = {"step": step}, None
+        for evaluation_set in self.sets:
+            result = evaluate(self.session.model, evaluation_set.examples, batch_size=config.data.eval_batch_size,
+                              bytes_per_token=evaluation_set.bytes_per_token, sharding=self.session.batch_sharding,
+                              max_batches=config.train.eval_batches, step_fn=self.step_fn)
+            if first is None:
+                first = result
+                record.update({"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+                               "eval_bits_per_byte": result["bits_per_byte"]})
+            answers = result.get("answers")
+            if answers is not None:
+                record[f"eval_{evaluation_set.name}_accuracy"] = answers["accuracy"]
+                record[f"eval_{evaluation_set.name}_sequence_accuracy"] = answers["sequence_accuracy"]
+                for selection in answers["selection"]:  # how often the needed key was attended, per layer
+                    attended = 1.0 - selection["best_head"]["not_attended"]
+                    record[f"eval_{evaluation_set.name}_attended_layer{selection['layer']}"] = attended
+        self.metrics.write(record)
+        return first
 
 
-def _describe(session, packed, log) -> float:
+def _describe(session, examples, log) -> float:
     """Logs the model and the mesh; returns the training FLOPs per step (for MFU)."""
     config, model_cfg = session.config, session.model_config
     params = sum(x.size for x in jax.tree.leaves(nnx.state(session.model, nnx.Param)))
     log(f"model: {params / 1e6:.2f}M parameters, layers {model_cfg.layer_kinds}, mesh "
         f"{dict(session.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
-        f"{len(packed):,} training sequences of {config.data.seq_len} tokens")
+        f"{len(examples):,} training sequences of {config.data.seq_len} tokens")
     return training_flops_per_token(model_cfg, config.data.seq_len) * config.data.batch_size * config.data.seq_len
 
 
@@ -182,8 +208,9 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
     session = app.build_session(config, with_optimizer=True, log=log)
     if is_main:
         (directory / "config.yaml").write_text(dump_config(config))
-    packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
-    iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=config.data.seed))
+    examples = tasks.training_examples(config, session.prepared)
+    iterator = iter(data.training_batches(examples, global_batch_size=config.data.batch_size,
+                                          seed=config.data.seed))
     metrics = MetricsWriter(directory, tensorboard=t.tensorboard, enabled=is_main)
 
     step, latest = 0, None
@@ -201,9 +228,9 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
             load_initial_weights(session.model, t.init_from, log=log)
     metrics.keep_until(step)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_per_step, peak = _describe(session, packed, log), peak_flops()
+    flops_per_step, peak = _describe(session, examples, log), peak_flops()
     schedule = app.learning_rate_schedule(config)
-    train_step = make_train_step(t.accumulate)
+    train_steps = {teacher: make_train_step(t.accumulate, teacher=teacher) for teacher in (False, True)}
     evaluation = _Evaluation(session, metrics)
     stop = _StopRequest()
     watch = _NonFiniteWatch(t.on_nonfinite, t.max_skipped_steps)
@@ -214,7 +241,8 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
         with activate(session.mesh):
             while step < t.steps and stop.signal is None:
                 batch = data.global_batch(next(iterator), session.batch_sharding)
-                out = train_step(session.model, session.optimizer, batch)
+                teacher = step < t.scorer_distill_steps  # compiled only if used
+                out = train_steps[teacher](session.model, session.optimizer, batch)
                 step += 1
                 interval_steps += 1
                 watch.update(step, out)
@@ -228,6 +256,8 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
                             "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
                             "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
                                     if peak else None)}
+                    if teacher:
+                        last["distill_loss"] = float(out["distill_loss"])
                     if skipped:
                         last["skipped_steps"] = skipped
                     metrics.write(last)
@@ -251,8 +281,10 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
         log(f"stopped by signal at step {step}; checkpoint saved. Run the same command again to resume.")
     else:
         log(f"done: step {step}, train loss {last.get('loss', float('nan')):.4f}, held-out loss "
-            f"{final['loss']:.4f} (perplexity {final['perplexity']:.1f}, {final['bits_per_byte']:.3f} bits/byte on "
-            f"{final['tokens']:,} tokens)")
+            f"{final['loss']:.4f} (perplexity {final['perplexity']:.1f}"
+            + (f", {final['bits_per_byte']:.3f} bits/byte" if final["bits_per_byte"] is not None else "")
+            + (f", answer accuracy {final['answers']['accuracy']:.3f}" if "answers" in final else "")
+            + f" on {final['tokens']:,} tokens)")
     log(f"outputs: {directory}/metrics.jsonl, {directory}/checkpoints/, {directory}/config.yaml")
     return {"step": step, "interrupted": interrupted, "last": last, "eval": final, "run_dir": str(directory)}
 

@@ -115,7 +115,8 @@ class PackedSequences:
 
     Example ``i`` covers stream positions ``[i L, i L + L]``: ``inputs`` and ``targets`` ``[L]`` int32,
     ``segment_ids`` ``[L]`` (1, 2, ... for the documents inside the window), ``positions`` ``[L]`` (position
-    inside each document; they restart at every document start).
+    inside each document; they restart at every document start), ``loss_mask`` (all 1) and ``answer_source``
+    (all -1: no answers, see ``sparsek_jax.data.recall``), the fields every training source yields.
     """
 
     def __init__(self, split: TokenizedSplit, seq_len: int):
@@ -143,14 +144,16 @@ class PackedSequences:
         doc = np.searchsorted(self.doc_starts, where, side="right") - 1
         return {"inputs": window[:-1], "targets": window[1:],
                 "segment_ids": (doc - doc[0] + 1).astype(np.int32),
-                "positions": (where - self.doc_starts[doc]).astype(np.int32)}
+                "positions": (where - self.doc_starts[doc]).astype(np.int32),
+                "loss_mask": np.ones(self.seq_len, np.float32), "answer_source": np.full(self.seq_len, -1, np.int32)}
 
 
 class DocumentWindows:
     """Evaluation examples: each document in consecutive windows of ``seq_len`` predicted tokens.
 
     Fields ``[L]``: ``inputs``, ``targets``, ``loss_mask`` (float32, 0 on padding), ``positions`` (position
-    inside the window), ``segment_ids`` (1, 0 on padding); plus scalars ``doc`` and ``window``.
+    inside the window), ``segment_ids`` (1, 0 on padding), ``answer_source`` (all -1); plus scalars ``doc``
+    and ``window``.
     """
 
     def __init__(self, split: TokenizedSplit, seq_len: int, *, max_windows_per_doc: int | None = None):
@@ -176,7 +179,8 @@ class DocumentWindows:
         targets = np.pad(piece[1:], (0, pad))
         mask = np.pad(np.ones(valid, np.float32), (0, pad))
         return {"inputs": inputs, "targets": targets, "loss_mask": mask, "segment_ids": mask.astype(np.int32),
-                "positions": np.arange(self.seq_len, dtype=np.int32), "doc": np.int32(d), "window": np.int32(w)}
+                "positions": np.arange(self.seq_len, dtype=np.int32), "answer_source": np.full(self.seq_len, -1, np.int32),
+                "doc": np.int32(d), "window": np.int32(w)}
 
 
 def training_batches(source: PackedSequences, *, global_batch_size: int, seed: int, num_epochs: int = 1000,
@@ -208,8 +212,10 @@ def evaluation_batches(source: DocumentWindows, *, global_batch_size: int, proce
     def example(i):
         if i < len(source):
             return source[i]
-        empty = source[0]
-        return {k: np.zeros_like(v) for k, v in empty.items()}
+        empty = {k: np.zeros_like(v) for k, v in source[0].items()}  # no loss, no answers
+        if "answer_source" in empty:
+            empty["answer_source"] -= 1
+        return empty
 
     dataset = grain.MapDataset.range(total).map(example)[process_index::process_count]
     return dataset.batch(local, drop_remainder=True)

@@ -9,6 +9,7 @@ from flax.core import spmd
 
 import sparsek_jax as sk
 from sparsek_jax import kv_cache
+from sparsek_jax.distillation import dense_teacher_attention
 from sparsek_jax.nn.config import ModelConfig
 from sparsek_jax.nn.params import param
 from sparsek_jax.nn.rope import apply_rope
@@ -31,12 +32,13 @@ def mesh_axes() -> sk.MeshAxes | None:
 
 
 class SparseKAttention(nnx.Module):
-    """Multi-head (GQA) causal self-attention whose kind is ``dense``, ``sliding`` or ``sparsek``.
+    """Multi-head (GQA) causal self-attention whose kind is ``dense``, ``sliding``, ``sparsek`` or ``block_topk``.
 
     ``dense`` and ``sliding`` call ``jax.nn.dot_product_attention`` (cuDNN where available, with
     ``is_causal`` and ``local_window_size``); ``sparsek`` scores every key with a ``ScoringNetwork`` and calls
-    ``sk.sparsek_attention``. Decoding keeps a constant-size cache for ``sliding`` and ``sparsek`` layers and a
-    preallocated ``max_decode_length`` cache for ``dense`` ones (``sparsek_jax.kv_cache``).
+    ``sk.sparsek_attention``; ``block_topk`` (a baseline) calls ``sk.block_topk_attention``. Decoding keeps a
+    constant-size cache for ``sliding`` and ``sparsek`` layers and a preallocated ``max_decode_length`` cache
+    for ``dense`` ones (``sparsek_jax.kv_cache``); ``block_topk`` layers do not decode.
     """
 
     def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
@@ -60,7 +62,7 @@ class SparseKAttention(nnx.Module):
             if c.qkv_bias else (None, None, None))
         self.o_bias = param(rngs, zeros, (c.d_model,), ("embed",), dtype) if c.out_bias else None
         self.scorer = (ScoringNetwork(c.d_model, c.num_kv_heads, position_slope=c.position_slope, param_dtype=dtype,
-                                      rngs=rngs) if kind == "sparsek" else None)
+                                      rngs=rngs, init_std=c.scorer_init_std) if kind == "sparsek" else None)
 
     @property
     def scale(self) -> float:
@@ -87,9 +89,25 @@ class SparseKAttention(nnx.Module):
         out = jnp.einsum("bshd,hdm->bsm", attended.astype(dtype), self.o_proj[...].astype(dtype))
         return out if self.o_bias is None else out + self.o_bias[...].astype(dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """x ``[batch, seq, d_model]``, positions ``[batch, seq]`` int, segment_ids ``[batch, seq]`` or None."""
-        return self._attend(*self._project(x, positions), segment_ids)
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None, *,
+                 mode: str = "attend"):
+        """x ``[batch, seq, d_model]``, positions ``[batch, seq]`` int, segment_ids ``[batch, seq]`` or None ->
+        ``[batch, seq, d_model]``. ``mode``: ``"attend"`` returns the output alone; ``"scores"`` also the key
+        scores ``[batch, seq, kv_heads]`` of a ``sparsek`` layer (None for other kinds), for diagnostics;
+        ``"teacher"``: a ``sparsek`` layer attends densely and also returns its scorer's distillation loss
+        against that attention (``sparsek_jax.distillation``; 0 for other kinds)."""
+        q, k, v, u = self._project(x, positions)
+        if mode == "scores":
+            return self._attend(q, k, v, u, segment_ids), u
+        if mode == "teacher":
+            if self.kind != "sparsek":
+                return self._attend(q, k, v, u, segment_ids), jnp.zeros((), jnp.float32)
+            # The loss trains the scorer alone: its input is held fixed.
+            u = self.scorer(jax.lax.stop_gradient(x), positions)
+            out, loss = dense_teacher_attention(q, k, v, u, window=self.config.window, segment_ids=segment_ids,
+                                                scale=self.scale)
+            return self._output(out), loss
+        return self._attend(q, k, v, u, segment_ids)
 
     def _attend(self, q, k, v, u, segment_ids):
         c = self.config
@@ -97,6 +115,9 @@ class SparseKAttention(nnx.Module):
             out = sk.sparsek_attention(q, k, v, u, topk=c.topk, window=c.window, gate=c.gate, segment_ids=segment_ids,
                                        scale=self.scale, implementation=c.implementation, block_sizes=c.block_sizes,
                                        buffer_size=c.buffer_size, interpret=c.interpret, mesh_axes=mesh_axes())
+        elif self.kind == "block_topk":
+            out = sk.block_topk_attention(q, k, v, topk=c.topk, window=c.window, block_size=c.topk_block_size,
+                                          segment_ids=segment_ids, scale=self.scale)
         else:
             mask = None
             if segment_ids is not None:  # packed documents: no attention across them
@@ -110,6 +131,9 @@ class SparseKAttention(nnx.Module):
     # -- decoding ---------------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int) -> kv_cache.AttentionCache:
         c = self.config
+        if self.kind == "block_topk":
+            raise ValueError("attention: 'block_topk' layers have no decoding cache (they are a training and "
+                             "evaluation baseline); generate with dense, sliding or sparsek layers")
         ring = {"dense": c.max_decode_length, "sliding": c.window, "sparsek": c.window}[self.kind]
         topk = c.topk if self.kind == "sparsek" else 0
         extra = 0

@@ -12,7 +12,7 @@ from sparsek_jax import validation
 from sparsek_jax.block_sizes import BlockSizes
 from sparsek_jax.nn.rope import RopeScaling
 
-ATTENTION_KINDS = ("dense", "sliding", "sparsek")
+ATTENTION_KINDS = ("dense", "sliding", "sparsek", "block_topk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,9 +20,12 @@ class ModelConfig:
     """A decoder-only language model with dense, sliding-window or SparseK attention per layer.
 
     ``attention`` is one kind for every layer or a tuple with one kind per layer, so the baselines are the
-    same code. ``window`` is the sliding window of both ``sliding`` and ``sparsek`` layers; ``topk`` the
-    keys a ``sparsek`` layer selects beyond it. ``position_slope`` is the ε of the scoring network
-    (``u_j = x_j · w_score + ε j``).
+    same code: ``dense``, ``sliding``, ``sparsek``, or ``block_topk`` (a prior sparse attention with the same
+    key budget: each query picks the ``topk // topk_block_size`` blocks of ``topk_block_size`` keys whose
+    mean key matches it best, ``sparsek_jax.block_topk``; no decoding cache). ``window`` is the sliding window
+    of ``sliding``, ``sparsek`` and ``block_topk`` layers; ``topk`` the keys the last two select beyond it. ``position_slope`` is the ε of the scoring network
+    (``u_j = x_j · w_score + ε j``) and ``scorer_init_std`` the standard deviation of ``w_score`` at
+    initialisation (0: zeros).
 
     ``scale_embeddings`` multiplies the input embeddings by ``sqrt(d_model)`` (and divides the tied output
     projection by it); imported Llama-family checkpoints turn it off, as do ``qkv_bias`` (Qwen2) and
@@ -39,7 +42,9 @@ class ModelConfig:
     attention: str | tuple[str, ...] = "sparsek"
     topk: int = 64
     window: int = 64
+    topk_block_size: int = 16             # keys per block of block_topk layers
     position_slope: float = 1e-3
+    scorer_init_std: float = 0.0
     gate: str = "value"
     implementation: str = "auto"          # sparsek_attention implementation
     dense_implementation: str | None = None  # jax.nn.dot_product_attention: None (best), "xla", "cudnn"
@@ -61,7 +66,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                     "max_decode_length"):
+                     "max_decode_length", "topk_block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name}: expected a positive int, received {value!r}")
@@ -98,7 +103,8 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim: expected an even number (RoPE rotates pairs), received "
                              f"{self.head_dim}")
-        for name, low, inclusive in (("position_slope", 0.0, True), ("rope_base", 0.0, False),
+        for name, low, inclusive in (("position_slope", 0.0, True), ("scorer_init_std", 0.0, True),
+                                     ("rope_base", 0.0, False),
                                      ("norm_eps", 0.0, False)):
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (

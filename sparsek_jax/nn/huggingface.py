@@ -244,11 +244,11 @@ def _place(variable, value: np.ndarray) -> None:
 
 def _model_type_for(config: ModelConfig) -> str:
     kinds = set(config.layer_kinds)
-    if "sparsek" in kinds:
-        layer = config.layer_kinds.index("sparsek")
-        raise CheckpointFormatError(f"model: layer {layer} is 'sparsek': the Hugging Face layout has no place for "
-                                    f"its scoring network (export models whose layers are all dense, or all "
-                                    f"sliding)")
+    for kind, why in (("sparsek", "its scoring network"), ("block_topk", "block top-k attention")):
+        if kind in kinds:
+            raise CheckpointFormatError(f"model: layer {config.layer_kinds.index(kind)} is {kind!r}: the Hugging "
+                                        f"Face layout has no place for {why} (export models whose layers are all "
+                                        f"dense, or all sliding)")
     if kinds == {"dense", "sliding"}:
         raise CheckpointFormatError("model: expected every layer dense or every layer sliding, received both")
     if config.qkv_bias and not config.out_bias:

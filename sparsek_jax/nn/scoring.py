@@ -12,15 +12,18 @@ from sparsek_jax.nn.params import param
 class ScoringNetwork(nnx.Module):
     """``u_j = x_j · w_score + ε j``.
 
-    ``w_score`` starts at zero, so selection starts as "the most recent keys before the window"; the
-    position slope ``ε`` lets newer tokens win without the network predicting ever larger numbers.
-    Scores are float32 whatever the compute dtype: thresholds are computed on them.
+    With ``init_std = 0`` ``w_score`` starts at zero, so selection starts as "the most recent keys before the
+    window"; a positive ``init_std`` draws it from a normal distribution, so keys start with scores that
+    depend on their content and far keys get selected (and trained) from the first step. The position slope
+    ``ε`` lets newer tokens win without the network predicting ever larger numbers. Scores are float32
+    whatever the compute dtype: thresholds are computed on them.
     """
 
-    def __init__(self, d_model: int, num_kv_heads: int, *, position_slope: float, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, num_kv_heads: int, *, position_slope: float, param_dtype, rngs: nnx.Rngs,
+                 init_std: float = 0.0):
         self.position_slope = position_slope
-        self.w_score = param(rngs, nnx.initializers.zeros_init(), (d_model, num_kv_heads), ("embed", "kv_heads"),
-                             param_dtype)
+        init = nnx.initializers.normal(init_std) if init_std else nnx.initializers.zeros_init()
+        self.w_score = param(rngs, init, (d_model, num_kv_heads), ("embed", "kv_heads"), param_dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x ``[batch, seq, d_model]``, positions ``[batch, seq]`` -> scores float32 ``[batch, seq, kv_heads]``."""

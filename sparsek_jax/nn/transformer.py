@@ -50,9 +50,13 @@ class TransformerBlock(nnx.Module):
         self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype, rngs=rngs)
         self.mlp = GatedMLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids=None):
-        x = x + self.attention(self.attention_norm(x), positions, segment_ids)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, segment_ids=None, *, mode: str = "attend"):
+        """``mode`` as in ``SparseKAttention``: with ``"scores"`` or ``"teacher"`` returns ``(x, extra)``."""
+        attended = self.attention(self.attention_norm(x), positions, segment_ids, mode=mode)
+        attended, extra = attended if mode != "attend" else (attended, None)
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return x if mode == "attend" else (x, extra)
 
     def prefill(self, x, positions, cache):
         attended, cache = self.attention.prefill(self.attention_norm(x), positions, cache)
@@ -122,33 +126,58 @@ class TransformerLM(nnx.Module):
             w = self.unembed[...].astype(x.dtype)
         return jnp.where(valid[..., None], (x @ w).astype(jnp.float32), jnp.nan)
 
-    def _block_fn(self):
+    def _block_fn(self, mode: str):
         """A block's forward, rematerialised with the configured ``jax.checkpoint`` policy."""
         def run(block, x, positions, segment_ids):
-            return block(x, positions, segment_ids)
+            return block(x, positions, segment_ids, mode=mode)
 
         if self.config.remat == "none":
             return run
         return nnx.remat(run, policy=getattr(jax.checkpoint_policies, self.config.remat))
 
-    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens int ``[batch, seq]`` -> logits float32 ``[batch, seq, vocab]``. ``positions`` default to
-        ``0..seq-1`` (restart them per document for packed inputs); ``segment_ids`` separate documents."""
+    def _forward(self, tokens, positions, segment_ids, mode: str):
+        """Logits and, unless ``mode == "attend"``, every layer's extra output (a tuple; stacked on a leading
+        layer axis with ``scan_layers``)."""
         x, valid = self._embed(tokens, 2)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        run = self._block_fn()
+        run = self._block_fn(mode)
         if self.config.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry if mode == "attend" else (nnx.Carry, 0),
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
             def scan_blocks(block, x):
                 return run(block, x, positions, segment_ids)
 
-            x = scan_blocks(self.blocks, x)
+            out = scan_blocks(self.blocks, x)
+            x, extra = (out, None) if mode == "attend" else out
         else:
+            extra = []
             for block in self.blocks:
-                x = run(block, x, positions, segment_ids)
-        return self._logits(x, valid)
+                out = run(block, x, positions, segment_ids)
+                x, layer_extra = (out, None) if mode == "attend" else out
+                extra.append(layer_extra)
+            extra = tuple(extra)
+        return self._logits(x, valid), extra
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, return_scores: bool = False):
+        """tokens int ``[batch, seq]`` -> logits float32 ``[batch, seq, vocab]``. ``positions`` default to
+        ``0..seq-1`` (restart them per document for packed inputs); ``segment_ids`` separate documents.
+
+        With ``return_scores`` returns ``(logits, scores)``: per layer the key scores ``[batch, seq, kv_heads]``
+        of a ``sparsek`` layer, None for other kinds (a tuple; with ``scan_layers`` one array stacked on a leading
+        layer axis, or None). They show what each layer selects (``sparsek_jax.diagnostics``)."""
+        logits, scores = self._forward(tokens, positions, segment_ids, "scores" if return_scores else "attend")
+        return (logits, scores) if return_scores else logits
+
+    def teacher_forward(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                        segment_ids: jax.Array | None = None):
+        """The model with its ``sparsek`` layers attending densely: ``(logits, loss)``, ``loss`` the sum over
+        those layers of their scorers' distillation loss against the dense attention (it reaches only the
+        scorers). Warm-up steps that train the model densely and teach the scorers which keys it reads
+        (``train.scorer_distill_steps``)."""
+        logits, losses = self._forward(tokens, positions, segment_ids, "teacher")
+        return logits, jnp.sum(jnp.stack(losses)) if isinstance(losses, tuple) else jnp.sum(losses)
 
     # -- decoding ---------------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int):
