@@ -28,14 +28,14 @@ CONFIGS = "configs/experiments"
 
 @dataclass(frozen=True)
 class Experiment:
-    """Arms (a config each: ``configs/experiments/<task>_<arm>.yaml``) x variants (overrides shared by every
-    arm) x seeds (``train.seed`` and ``data.seed``)."""
+    """Arms (a config each: ``configs/experiments/<task>_<arm>.yaml``; ``arm+name`` arms use ``arm``'s config
+    with ``arm_overrides``) x variants (overrides for every arm, under ``"*"``, and per arm) x seeds
+    (``train.seed`` and ``data.seed``)."""
 
     task: str
     arms: tuple[str, ...]
-    variants: dict[str, tuple[str, ...]]
+    variants: dict[str, dict[str, tuple[str, ...]]]
     seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per arm; others: (0,)
-    eval_overrides: tuple[str, ...] = ()
     arm_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def runs(self, seeds: tuple[int, ...] | None = None):
@@ -43,32 +43,41 @@ class Experiment:
         for variant, overrides in self.variants.items():
             for arm in self.arms:
                 for seed in seeds or self.seeds.get(arm, (0,)):
-                    yield variant, arm, seed, (*overrides, *self.arm_overrides.get(arm, ()))
+                    yield variant, arm, seed, (*overrides.get("*", ()), *overrides.get(arm, ()),
+                                               *self.arm_overrides.get(arm, ()))
 
-    def config(self, arm: str) -> str:
-        return f"{CONFIGS}/{self.task}_{arm.split('+')[0]}.yaml"
+    def config(self, arm: str, gpu: bool = False) -> str:
+        """The arm's config; ``+suffix`` arms share the config of the arm before the ``+``."""
+        return f"{CONFIGS}/{self.task}_{arm.split('+')[0]}{'_gpu' if gpu else ''}.yaml"
 
 
 ARMS = ("dense", "sliding", "sparsek", "sparsek_hard", "block_topk")
 THREE_SEEDS = {"sparsek": (0, 1, 2)}
 
+
+def budget(topk: int, window: int) -> dict[str, tuple[str, ...]]:
+    """A variant with ``topk`` keys selected beyond a ``window``; the sliding window gets both."""
+    return {"*": (f"model.topk={topk}", f"model.window={window}"), "sliding": (f"model.window={window + topk}",)}
+
+
 EXPERIMENTS = {
-    # Pairs at the start, queries at the end: with w = k = 16 every query lies beyond the window; 8 pairs need
-    # 8 selected values (2 x pairs <= k), 16 pairs need 16 (2 x pairs = 2k).
-    "recall_blocked": Experiment("recall_blocked", ARMS, {"pairs8": ("data.recall.pairs=8",),
-                                                           "pairs16": ("data.recall.pairs=16",)}, THREE_SEEDS),
-    "recall_random": Experiment("recall_random", ARMS, {"pairs16": ()}, THREE_SEEDS),
-    "passkey": Experiment("passkey", ("dense", "sliding", "sparsek"), {"mixed": ()}),
-    # Why SparseK starts slowly, on the blocked task with 8 pairs: each arm changes one thing against the
-    # defaults (zero-initialised scorer, position slope 1e-3, value gates).
+    # 16 pairs at the start, queries at the end, every query beyond the reach of window + topk. The values a
+    # query needs are 16 keys: 2 x pairs = k with topk 32 (the budget suffices), 2 x pairs = 2k with 16.
+    "recall_blocked": Experiment("recall_blocked", ARMS, {"topk32": budget(32, 16), "topk16": budget(16, 16)},
+                                 THREE_SEEDS),
+    # Distances log-uniform: accuracy by distance; 2 x pairs = topk.
+    "recall_random": Experiment("recall_random", ARMS, {"topk32": budget(32, 16)}, THREE_SEEDS),
+    "passkey": Experiment("passkey", ("dense", "sliding", "sparsek"), {"topk16": budget(16, 16)}),
+    # Why SparseK starts slowly, on blocked recall with the sufficient budget: each arm changes one thing
+    # against the defaults (zero-initialised scorer, position slope 1e-3, value gates, one learning rate).
     "cold_start": Experiment("recall_blocked", (
         "sparsek", "sparsek+slope0", "sparsek+init", "sparsek+scorer_lr", "sparsek+logit", "sparsek+distill"),
-        {"pairs8": ("data.recall.pairs=8",)},
+        {"topk32": budget(32, 16)},
         arm_overrides={"sparsek+slope0": ("model.position_slope=0",),
                        "sparsek+init": ("model.scorer_init_std=0.1",),
                        "sparsek+scorer_lr": ("train.scorer_learning_rate_scale=10",),
                        "sparsek+logit": ("model.gate=logit",),
-                       "sparsek+distill": ("train.scorer_distill_steps=500",)}),
+                       "sparsek+distill": ("train.scorer_distill_steps=1000",)}),
 }
 
 
@@ -90,17 +99,17 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def run_one(experiment: Experiment, name: str, variant: str, arm: str, seed: int, overrides: tuple[str, ...], *,
-            run_root: Path, extra: tuple[str, ...], skip: set[str]) -> dict | None:
+            run_root: Path, extra: tuple[str, ...], skip: set[str], gpu: bool) -> dict | None:
     """Trains and evaluates one run; None if its command is in ``skip`` (done before)."""
     run_dir = run_root / name / variant / f"{arm}_seed{seed}"
-    args = [experiment.config(arm), *overrides, *extra, f"train.seed={seed}", f"data.seed={seed}",
+    args = [experiment.config(arm, gpu), *overrides, *extra, f"train.seed={seed}", f"data.seed={seed}",
             f"train.run_dir={run_dir}"]
     if " ".join(["sparsek-train", *args]) in skip:
         return None
     start = time.perf_counter()
     cli("sparsek-train", args)
     train_s = time.perf_counter() - start
-    cli("sparsek-eval", [*args, *experiment.eval_overrides, f"checkpoint={run_dir}",
+    cli("sparsek-eval", [*args, f"checkpoint={run_dir}",
                          f"eval.output={run_dir / 'eval.json'}"])
     report = json.loads((run_dir / "eval.json").read_text())
     return {"variant": variant, "arm": arm, "seed": seed, "command": " ".join(["sparsek-train", *args]),
@@ -128,13 +137,16 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", help="comma-separated subset of the variants")
     parser.add_argument("--seeds", help="comma-separated seeds for every arm (default: the experiment's)")
     parser.add_argument("--results", type=Path, help="results JSON (default benchmarks/results/<experiment>_cpu.json)")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "experiments", help="run directories")
+    parser.add_argument("--runs", type=Path, default=Path("runs/experiments"),
+                        help="run directories (relative paths: from the repository root)")
+    parser.add_argument("--report-only", action="store_true", help="tables and plots of the results so far")
     parser.add_argument("--plots", type=Path, default=ROOT / "docs" / "images", help="where the PNGs go")
+    parser.add_argument("--gpu", action="store_true", help="the GPU-sized configs (configs/experiments/*_gpu.yaml)")
     parser.add_argument("--override", action="append", default=[],
                         help="key=value for every run (e.g. train.steps=3 for a smoke test); repeatable")
     args = parser.parse_args(argv)
     experiment = EXPERIMENTS[args.experiment]
-    results_path = args.results or RESULTS / f"{args.experiment}_cpu.json"
+    results_path = args.results or RESULTS / f"{args.experiment}_{'gpu' if args.gpu else 'cpu'}.json"
     results = load_results(results_path)
     results["experiment"] = args.experiment
     pick = lambda value: None if value is None else value.split(",")
@@ -142,10 +154,10 @@ def main(argv=None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     done = {r["command"] for r in results["runs"]}
     for variant, arm, seed, overrides in experiment.runs(seeds):
-        if (arms and arm not in arms) or (variants and variant not in variants):
+        if args.report_only or (arms and arm not in arms) or (variants and variant not in variants):
             continue
         record = run_one(experiment, args.experiment, variant, arm, seed, overrides, run_root=args.runs,
-                         extra=tuple(args.override), skip=done)
+                         extra=tuple(args.override), skip=done, gpu=args.gpu)
         if record is None:
             print(f"= {variant} {arm} seed {seed}: in {results_path.name} already")
             continue
@@ -156,7 +168,9 @@ def main(argv=None) -> int:
     from benchmarks import long_range_report
 
     print(long_range_report.summary(results))
-    for png in long_range_report.plots(results, args.plots, args.experiment):
+    print()
+    print(long_range_report.distance_table(results))
+    for png in long_range_report.plots(results, args.plots, f"{args.experiment}_{'gpu' if args.gpu else 'cpu'}"):
         print(f"wrote {png}")
     return 0
 

@@ -52,6 +52,16 @@ def test_random_layout_spreads_distances_log_uniformly():
     assert counts.min() > 0.5 * counts.max(), counts  # about as many short as long ones
 
 
+def test_random_fraction_mixes_layouts_into_training_only():
+    spec = RecallSpec(layout="blocked", pairs=4, random_fraction=0.5)
+    blocked = lambda ex: sorted(ex["answer_source"][ex["answer_source"] >= 0]) == [1, 3, 5, 7]
+    train = [blocked(AssociativeRecall(spec, 64, seed=0)[i]) for i in range(200)]
+    assert 0.35 < np.mean(train) < 0.65
+    assert all(blocked(AssociativeRecall(spec, 64, seed=0, split="validation")[i]) for i in range(50))
+    with pytest.raises(ValueError, match="recall.random_fraction: expected 0 with layout 'random'"):
+        RecallSpec(layout="random", random_fraction=0.5)
+
+
 def test_recall_spec_and_vocabulary_errors_name_the_setting():
     with pytest.raises(ValueError, match="recall.layout: expected one of 'blocked', 'random', received 'x'"):
         RecallSpec(layout="x")
@@ -59,6 +69,8 @@ def test_recall_spec_and_vocabulary_errors_name_the_setting():
         RecallSpec(pairs=5, num_keys=4)
     with pytest.raises(ValueError, match="seq_len: expected at least 4 \\* recall.pairs - 1 = 31"):
         AssociativeRecall(RecallSpec(pairs=8), 30, seed=0)
+    with pytest.raises(ValueError, match="seq_len: expected at least 8 \\* recall.pairs - 1 = 63 .* at random"):
+        AssociativeRecall(RecallSpec(pairs=8, layout="random"), 62, seed=0)
     vocabulary = RecallVocabulary(RecallSpec(pairs=2, num_keys=3, num_values=2, num_filler=2))
     assert vocabulary.vocab_size == 8
     assert vocabulary.decode(vocabulary.encode("k2 v1 f0 <eot>")) == "k2 v1 f0 <eot>"

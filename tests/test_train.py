@@ -21,13 +21,13 @@ from sparsek_train.config import ConfigError, load_config
 from sparsek_train.trainer import train
 
 ROOT = Path(__file__).parent.parent
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 TINY_MODEL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
               "model.head_dim=8", "model.mlp_dim=48", "model.topk=4", "model.window=4", "model.block_sizes.block_q=8",
               "model.buffer_size=16", "model.scan_layers=false", "model.remat=none", "model.dtype=float32"]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_every_config_builds_a_tiny_model(path):
     config = load_config(path, TINY_MODEL + ["model.implementation=xla"])
     model = TransformerLM(config.model_config(vocab_size=97), rngs=nnx.Rngs(0))

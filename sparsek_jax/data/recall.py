@@ -10,6 +10,10 @@ pair tells the value. Two layouts:
 - ``random``: each pair and its query at random places, the distance from the value to the query drawn
   log-uniformly from ``[min_distance, seq_len - 2]``, so accuracy can be read by distance.
 
+``random_fraction`` mixes random-layout sequences into the training split of a blocked task: a small model
+learns the lookup (an induction head) from the nearby queries of the random layout within minutes, and from
+far queries alone only after a long plateau; evaluation (``split="validation"``) keeps the layout pure.
+
 Every example records ``answer_source``: at each position whose target is an answer, the position of the
 token the answer copies (the pair's value); -1 elsewhere. Examples are a pure function of ``(seed, index)``.
 """
@@ -36,6 +40,7 @@ class RecallSpec:
     num_values: int = 64
     num_filler: int = 64
     min_distance: int = 1     # random layout: smallest value-to-query distance
+    random_fraction: float = 0.0  # blocked layout: share of training sequences in the random layout
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -45,6 +50,12 @@ class RecallSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"recall.{name}: expected a positive int, received {value!r}")
+        if not (isinstance(self.random_fraction, (int, float)) and 0.0 <= self.random_fraction <= 1.0):
+            raise ValueError(f"recall.random_fraction: expected a number in [0, 1], received "
+                             f"{self.random_fraction!r}")
+        if self.random_fraction and self.layout != "blocked":
+            raise ValueError(f"recall.random_fraction: expected 0 with layout {self.layout!r} (it mixes random "
+                             f"sequences into a blocked task), received {self.random_fraction}")
         if self.pairs > self.num_keys:
             raise ValueError(f"recall.pairs: expected at most num_keys={self.num_keys} (keys are distinct), "
                              f"received {self.pairs}")
@@ -54,12 +65,15 @@ class RecallSpec:
         return 1 + self.num_keys + self.num_values + self.num_filler
 
     def check_length(self, seq_len: int, name: str = "seq_len") -> None:
-        """A sequence of ``seq_len`` inputs (``seq_len + 1`` tokens) must hold the pairs and the queries."""
-        need = 4 * self.pairs - 1
+        """A sequence of ``seq_len`` inputs (``seq_len + 1`` tokens) must hold the pairs and the queries; placed
+        at random, they may fill at most half of it."""
+        random = self.layout == "random" or self.random_fraction
+        need = (8 if random else 4) * self.pairs - 1
         if seq_len < need:
-            raise ValueError(f"{name}: expected at least 4 * recall.pairs - 1 = {need} tokens for "
-                             f"{self.pairs} pairs and their queries, received {seq_len}")
-        if self.layout == "random" and self.min_distance > seq_len - 2:
+            raise ValueError(f"{name}: expected at least {'8' if random else '4'} * recall.pairs - 1 = {need} "
+                             f"tokens for {self.pairs} pairs and their queries"
+                             + (" placed at random" if random else "") + f", received {seq_len}")
+        if (self.layout == "random" or self.random_fraction) and self.min_distance > seq_len - 2:
             raise ValueError(f"recall.min_distance: expected at most seq_len - 2 = {seq_len - 2}, received "
                              f"{self.min_distance}")
 
@@ -122,14 +136,15 @@ class AssociativeRecall:
             raise ValueError(f"split: expected one of {', '.join(map(repr, SPLITS))}, received {split!r}")
         self.spec, self.seq_len, self.num_examples = spec, seq_len, num_examples
         self.stream = (seed, SPLITS.index(split))
+        self.random_fraction = spec.random_fraction if split == "train" else 0.0
 
     def __len__(self) -> int:
         return self.num_examples
 
-    def _slots(self, rng) -> list[tuple[int, int]]:
+    def _slots(self, rng, layout: str) -> list[tuple[int, int]]:
         """(pair start, query start) per pair, in stream positions; the pair's value is at pair start + 1."""
         s, n = self.spec, self.seq_len + 1
-        if s.layout == "blocked":
+        if layout == "blocked":
             order = rng.permutation(s.pairs)
             return [(2 * p, n - 2 * s.pairs + 2 * int(order[p])) for p in range(s.pairs)]
         free = np.ones(n, bool)
@@ -151,12 +166,13 @@ class AssociativeRecall:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         s, n = self.spec, self.seq_len + 1
         rng = np.random.default_rng([*self.stream, int(index)])
+        layout = "random" if self.random_fraction and rng.uniform() < self.random_fraction else s.layout
         first_value, first_filler = 1 + s.num_keys, 1 + s.num_keys + s.num_values
         stream = (first_filler + rng.integers(0, s.num_filler, n)).astype(np.int32)
         keys = 1 + rng.choice(s.num_keys, s.pairs, replace=False)
         values = first_value + rng.integers(0, s.num_values, s.pairs)
         source = np.full(self.seq_len, -1, np.int32)
-        for key, value, (pair, query) in zip(keys, values, self._slots(rng)):
+        for key, value, (pair, query) in zip(keys, values, self._slots(rng, layout)):
             stream[[pair, query]] = key
             stream[[pair + 1, query + 1]] = value
             source[query] = pair + 1  # input `query` predicts the value, which sits at input `pair + 1`

@@ -1,0 +1,66 @@
+"""The long-range experiments end to end for a few steps (data, training, evaluation, report), one arm per
+task, with a tiny model: what the CPU experiments run, not their results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.long_range import EXPERIMENTS
+
+ROOT = Path(__file__).parent.parent
+TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.head_dim=16",
+        "model.mlp_dim=64", "train.steps=3", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",
+        "train.async_checkpoints=false", "data.batch_size=4", "data.eval_batch_size=4", "eval.batch_size=4",
+        "eval.examples=8"]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    rng = np.random.default_rng(0)
+    words = "the state of the union is strong and congress shall make laws for the people of the nation".split()
+    for i in range(8):
+        (root / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=500)))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment, arm, extra", [
+    ("recall_blocked", "sparsek", ["data.seq_len=64", "data.eval_seq_len=64", "eval.lengths=[64]",
+                                   "data.recall.pairs=4"]),
+    ("recall_random", "block_topk", ["data.seq_len=64", "data.eval_seq_len=64", "eval.lengths=[64]",
+                                     "data.recall.pairs=4"]),
+    ("passkey", "sparsek", ["data.dataset=text_files", "data.vocab_size=300", "data.seq_len=192",
+                            "data.eval_seq_len=192", "eval.lengths=[192]", "eval.max_windows_per_doc=1"]),
+])
+def test_experiment_runs_end_to_end(tmp_path, texts, experiment, arm, extra):
+    if experiment == "passkey":
+        extra = extra + [f"data.source_path={texts}", f"data.data_dir={tmp_path / 'data'}"]
+    results = tmp_path / "results.json"
+    variant = next(iter(EXPERIMENTS[experiment].variants))
+    command = [sys.executable, "-m", "benchmarks.long_range", experiment, "--arms", arm, "--seeds", "0",
+               "--variants", variant,
+               "--results", str(results), "--runs", str(tmp_path / "runs"), "--plots", str(tmp_path / "plots")]
+    for override in TINY + extra:
+        command += ["--override", override]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(results.read_text())
+    (run,) = report["runs"]
+    assert run["arm"] == arm and run["command"].startswith("sparsek-train configs/experiments/")
+    answers = run["eval"][-1]["answers"]
+    assert answers["answers"] > 0 and 0 <= answers["accuracy"] <= 1 and answers["by_distance"]
+    assert [c["step"] for c in run["curve"] if "loss" in c] == [1, 2, 3]
+    assert any(k.endswith("_accuracy") for c in run["curve"] for k in c)
+    if arm == "sparsek":  # the diagnosis: every answer's source is in one of the four states in every layer
+        for layer in answers["selection"]:
+            assert sum(layer["best_head"].values()) == pytest.approx(1.0)
+    assert (tmp_path / "plots" / f"{experiment}_cpu_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"| {run['variant']} | {arm} |" in done.stdout
+    # Run again: the finished run is in the results and is not trained again.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and "in results.json already" in again.stdout
