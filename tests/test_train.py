@@ -376,3 +376,33 @@ def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_p
                                           "a Hugging Face checkpoint directory"):
         quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", tmp_path / "x", **{
             "train.init_from": str(tmp_path / "nothing")})))
+
+
+def test_scorer_distillation_steps_then_sparse_attention_and_scorer_learning_rate(corpus, tmp_path):
+    from sparsek_train.checkpointing import RunCheckpoints
+
+    def w_score(run_dir, step):
+        checkpoints = RunCheckpoints(run_dir / "checkpoints", read_only=True)
+        try:
+            meta = checkpoints.model_metadata(step)
+            cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            values = checkpoints.read_model(step, {n: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu)
+                                                   for n, m in meta.items()})
+            return {n: np.asarray(v) for n, v in values.items()}
+        finally:
+            checkpoints.close()
+
+    distilled = tmp_path / "distilled"
+    quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", distilled, **{
+        "train.steps": 3, "train.scorer_distill_steps": 2, "model.window": 2})))
+    records = [json.loads(line) for line in (distilled / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert steps[1]["distill_loss"] > 0 and steps[2]["distill_loss"] > 0 and "distill_loss" not in steps[3]
+    # A tiny scorer learning rate leaves the scorers nearly where they started (zero) while the rest moves.
+    slow, fast = tmp_path / "slow", tmp_path / "fast"
+    for run_dir, scale in ((slow, 1e-6), (fast, 1.0)):
+        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir, **{
+            "train.steps": 2, "train.scorer_learning_rate_scale": scale})))
+    slow_weights, fast_weights = w_score(slow, 2), w_score(fast, 2)
+    scorer = "blocks/0/attention/scorer/w_score"
+    assert 0 < np.abs(slow_weights[scorer]).max() < 1e-5 * np.abs(fast_weights[scorer]).max()
