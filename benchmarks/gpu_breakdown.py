@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import sparsek_jax as sk
 from benchmarks import reporting
 from benchmarks.gpu_attention import make_inputs, time_ms
-from sparsek_kernels import thresholds as lanes
+from sparsek_kernels import thresholds_pallas as lanes
 from sparsek_jax import thresholds
 
 
@@ -49,7 +49,7 @@ def main(argv=None):
         row_seg = jnp.zeros(row_u.shape, jnp.int32)
         row = {"seq": seq, "batch": q.shape[0]}
         for chunk in args.scan_blocks:
-            backend = thresholds.threshold_backend("pallas_gpu", args.interpret)
+            backend = thresholds.threshold_steps("pallas_gpu", args.interpret)
             prepare = jax.jit(functools.partial(thresholds.prepare_chunks, topk=k, buffer_size=buffer, chunk=chunk,
                                                 backend=backend))
             row[f"C{chunk}_prepare_ms"] = time_ms(prepare, row_u, row_seg, repeats=5)

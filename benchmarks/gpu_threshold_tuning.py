@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_threshold_tuning --profile 256,8,4,4     # device time per kernel
 
 A variant is ``chunk,lanes_per_program,cut_state_warps,scan_warps`` (the fields of
-``sparsek_kernels.thresholds.Launch`` after the chunk). 12 heads, batch x seq = 65,536 scores, topk = window =
+``sparsek_kernels.thresholds_pallas.Launch`` after the chunk). 12 heads, batch x seq = 65,536 scores, topk = window =
 1024, the scores of ``benchmarks.gpu_attention.make_inputs``; each variant: compile time and the median of 10 calls of
 ``blocked_thresholds`` (anchors included). ``--profile`` traces 5 calls of one variant with ``jax.profiler``
 and sums the device time of every kernel (Triton kernels by their ``pallas_call`` name, XLA fusions by
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from benchmarks import reporting
 from benchmarks.gpu_attention import make_inputs, time_ms
 from sparsek_jax import thresholds
-from sparsek_kernels.thresholds import Launch
+from sparsek_kernels.thresholds_pallas import Launch
 
 
 def parse_variant(text: str) -> tuple[int, Launch]:

@@ -14,7 +14,7 @@ from sparsek_jax import validation
 from sparsek_jax.block_sizes import BlockSizes
 from sparsek_jax.blocked import MeshAxes, blocked_attention
 from sparsek_jax.reference import reference_attention
-from sparsek_jax.thresholds import default_buffer_size, document_index
+from sparsek_jax.thresholds import document_index, resolve_buffer_size
 
 __all__ = ["sparsek_attention"]
 
@@ -74,11 +74,7 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
     scale = 1.0 / float(head_dim) ** 0.5 if scale is None else validation.check_scale(scale)
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes: expected a BlockSizes or None, received {block_sizes!r}")
-    if buffer_size is not None:
-        buffer_size = validation.check_nonnegative_int("buffer_size", buffer_size)
-        if buffer_size < min(max(topk, 1), seq):
-            raise ValueError(f"buffer_size: expected at least min(topk, seq)={min(topk, seq)}, "
-                             f"received {buffer_size}")
+    buffer_size = resolve_buffer_size(buffer_size, topk=topk, seq=seq)
     segments = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
                 else document_index(jnp.asarray(segment_ids, jnp.int32)))
     if implementation == "reference":
@@ -87,7 +83,6 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
         out = blocked_attention(q, k, v, scores, segments, topk=topk, window=window, gate=gate, scale=scale,
                                 implementation=implementation,
                                 block_sizes=(block_sizes or BlockSizes()).resolve(implementation, seq),
-                                buffer_size=default_buffer_size(max(topk, 1), seq) if buffer_size is None
-                                else buffer_size, interpret=interpret, mesh_axes=mesh_axes)
+                                buffer_size=buffer_size, interpret=interpret, mesh_axes=mesh_axes)
     bad = jnp.repeat(validation.nonfinite_rows(scores), q.shape[2] // k.shape[2], axis=1)  # [batch, q_heads]
     return jnp.where(bad[:, None, :, None], jnp.asarray(jnp.nan, out.dtype), out)

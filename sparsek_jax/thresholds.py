@@ -1,29 +1,12 @@
-"""Per-query SparseK thresholds over growing candidate prefixes, in time linear in the sequence.
+"""Per-query SparseK thresholds over growing candidate prefixes, in time linear in the sequence
+(``prefix_thresholds``), and what the blocked attention reads of them (``blocked_thresholds``: thresholds,
+tie positions and each query block's anchors), with their custom VJP.
 
-Query ``i`` chooses among the candidate keys ``C_i = {j <= i - window}`` of its own document. ``C_i`` is a
-prefix of the key sequence, so everything is computed once per *key position* ``t`` over ``P_t = {j <= t}``
-and shifted by the window: query ``i`` reads the statistics of ``t = i - window``.
-
-Structure used:
-- ``theta_t``, the k-th largest score of ``P_t``, never decreases as ``t`` grows; a key that leaves the top-k
-  never returns. So a buffer holding the top ``R > k`` keys of the prefix seen so far is all the past a
-  position needs for ``theta`` (always exact).
-- ``tau_t`` only depends on keys with score above ``tau_t``. The buffer is exact for ``tau_t`` when the
-  largest score ever dropped from it is ``<= tau_t``: then every dropped key has gate 0. We carry that
-  largest dropped score and report, per query, whether the condition held (``ThresholdInfo.exact``).
-- both never decrease within a document, so the keys a threshold depends on can be tracked by pointers that
-  only move one way.
-
-The keys are cut into chunks; every chunk's buffer (the top R keys before it, in its document) comes from an
-exclusive scan of per-chunk summaries (merged by counting ranks; a rolled doubling scan on the XLA path, a
-tree of kernels on the GPU). Then one lane per chunk replays the chunk key by key as an event simulation
-(``sparsek_kernels.thresholds``): counts of the keys with gate 1 and with a fractional gate, a float-float
-sum of the latter, pointers into the sorted buffer and the sorted chunk.
-Memory is ``O(n R / C)`` per row of scores, time ``O(n log R)`` plus ``O(C)`` events per chunk. The XLA path
-and the Pallas GPU kernels run the same code (docs/operator.md, docs/kernels.md).
-
-Ties: keys are ordered by ``(score, position)``: among equal scores the newer key ranks higher. So the
-selection ``j in S_i  <=>  (u_j, j) >= (theta_i, theta_pos_i)`` picks exactly ``min(topk, |C_i|)`` keys.
+The algorithm (docs/operator.md): the keys are cut into chunks; each chunk's buffer, the top ``R`` keys before
+it in its document, comes from an exclusive scan of per-chunk summaries; then one lane per chunk replays the
+chunk key by key (an event simulation). The steps live in ``sparsek_kernels``: the shared math in
+``simulation``, the plain-XLA path in ``thresholds_xla`` and the Pallas GPU kernels, their twins, in
+``thresholds_pallas``; this module prepares their inputs and picks the twin (``threshold_steps``).
 """
 
 from __future__ import annotations
@@ -37,10 +20,10 @@ from jax import lax
 
 from sparsek_jax import validation
 from sparsek_jax.block_sizes import BlockSizes
-from sparsek_kernels import thresholds as simulation
+from sparsek_kernels import simulation, thresholds_pallas, thresholds_xla
 from sparsek_kernels.common import count_leading, is_selected
 
-__all__ = ["ThresholdInfo", "prefix_thresholds", "default_buffer_size", "is_selected"]
+__all__ = ["ThresholdInfo", "prefix_thresholds", "default_buffer_size", "is_selected", "resolve_buffer_size"]
 
 
 class ThresholdInfo(NamedTuple):
@@ -64,56 +47,23 @@ def default_buffer_size(topk: int, seq: int) -> int:
     return max(1, min(max(2 * topk, topk + 128), seq))
 
 
+def resolve_buffer_size(buffer_size: int | None, *, topk: int, seq: int | None, name: str = "buffer_size"):
+    """The buffer size to use: ``buffer_size`` if it holds the ``min(topk, seq)`` best scores a query selects
+    (at least 1; with ``seq=None``, meaning any length, ``topk``), else a ``ValueError`` naming ``name``;
+    ``None`` gives ``default_buffer_size(topk, seq)`` (``None`` again when ``seq`` is unknown)."""
+    if buffer_size is None:
+        return None if seq is None else default_buffer_size(topk, seq)
+    buffer_size = validation.check_nonnegative_int(name, buffer_size)
+    least, rule = (max(topk, 1), "topk") if seq is None else (min(max(topk, 1), seq), "min(topk, seq)")
+    if buffer_size < least:
+        raise ValueError(f"{name}: expected None or at least {rule}={least}, received {buffer_size}")
+    return buffer_size
+
+
 def _sorted_desc(scores, pos):
     """Sorts by (score, position), descending, along the last axis."""
     neg_scores, neg_pos = lax.sort((-scores, -pos), dimension=-1, num_keys=2)
     return -neg_scores, -neg_pos
-
-
-def _merge_lists_xla(a_scores, a_pos, b_scores, b_pos, keep_b):
-    """Top R of two sorted lists by (score, position) descending, where every key of b is newer (it wins
-    ties), batched over the first axis: each key's place in the merged list is its index plus its rank in the
-    other list, then a scatter. ``keep_b`` [pairs] bool: return ``b`` unchanged. Returns (scores, positions)
-    and the largest score that did not fit (``-inf`` where ``keep_b``)."""
-    buffer_size = a_scores.shape[-1]
-
-    def merge(a_scores, a_pos, b_scores, b_pos):
-        index = jnp.arange(buffer_size, dtype=jnp.int32)
-        search = functools.partial(jnp.searchsorted, method="scan")  # a rolled loop: small programs
-        a_dest = index + search(-b_scores, -a_scores, side="right")   # b keys with a score >= a's
-        b_dest = index + search(-a_scores, -b_scores, side="left")    # a keys with a score > b's
-        dest = jnp.concatenate([a_dest, b_dest])
-        scores = jnp.full((2 * buffer_size,), -jnp.inf, jnp.float32).at[dest].set(
-            jnp.concatenate([a_scores, b_scores]), mode="drop")
-        pos = jnp.full((2 * buffer_size,), -1, jnp.int32).at[dest].set(jnp.concatenate([a_pos, b_pos]),
-                                                                        mode="drop")
-        return scores, pos
-
-    scores, pos = jax.vmap(merge)(a_scores, a_pos, b_scores, b_pos)
-    keep = keep_b[:, None]
-    return (jnp.where(keep, b_scores, scores[:, :buffer_size]), jnp.where(keep, b_pos, pos[:, :buffer_size]),
-            jnp.where(keep_b, -jnp.inf, scores[:, buffer_size]))
-
-
-def _merge_summaries(a, b):
-    """Associative combine of two prefix summaries (a before b), batched over leading axes.
-
-    A summary is (scores [R], positions [R], dropped, first_segment, last_segment, reset): the top R keys
-    of the range's last document sorted by (score, position) descending (padding ``-inf`` / ``-1`` last),
-    the largest score cut from them, and whether a document starts inside. The two sorted lists are merged
-    by counting ranks (every key of b is newer, so it wins ties): ``O(R log R)``, no sort.
-    """
-    a_scores, a_pos, a_dropped, a_first, a_last, a_reset = a
-    b_scores, b_pos, b_dropped, b_first, b_last, b_reset = b
-    buffer_size = a_scores.shape[-1]
-    lead = a_scores.shape[:-1]
-    flat = lambda x: x.reshape((-1, buffer_size))
-    boundary = b_reset | (a_last != b_first)  # b starts (or contains) a new document: a is not its past
-    scores, pos, lost = _merge_lists_xla(flat(a_scores), flat(a_pos), flat(b_scores), flat(b_pos),
-                                         boundary.reshape(-1))
-    dropped = jnp.maximum(jnp.maximum(a_dropped, b_dropped), lost.reshape(lead))
-    return (scores.reshape(lead + (buffer_size,)), pos.reshape(lead + (buffer_size,)),
-            jnp.where(boundary, b_dropped, dropped), a_first, b_last, a_reset | boundary)
 
 
 class BlockedThresholds(NamedTuple):
@@ -147,74 +97,36 @@ class _Chunks(NamedTuple):
     q_seg: jax.Array
 
 
-def doubling_scan(combine, elems, axis: int = 0):
-    """Inclusive scan of a pytree along ``axis`` by recursive doubling in a rolled loop: step ``s`` combines
-    every element with the one ``2**s`` before it. ``O(n log n)`` combines where ``lax.associative_scan``
-    does ``O(n)``, but the program does not depend on the length (``associative_scan`` unrolls its levels,
-    so every new length compiles a larger program)."""
-    leaves = jax.tree.leaves(elems)
-    length = leaves[0].shape[axis]
+class ThresholdSteps(NamedTuple):
+    """The heavy steps, in plain XLA (``sparsek_kernels.thresholds_xla``) or as Pallas GPU kernels (their twins
+    in ``sparsek_kernels.thresholds_pallas``), and the small prefix scans: rolled on the XLA path (CPU and TPU
+    compile one program for every length), work-efficient with the kernels."""
 
-    def step(s, xs):
-        shift = jnp.left_shift(1, s)
-        combined = combine(jax.tree.map(lambda x: jnp.roll(x, shift, axis), xs), xs)
-
-        def keep_first(c, x):  # the first 2**s elements have nothing that far before them
-            index = jnp.arange(length).reshape([length if d == axis else 1 for d in range(x.ndim)])
-            return jnp.where(index >= shift, c, x)
-
-        return jax.tree.map(keep_first, combined, xs)
-
-    return lax.fori_loop(0, max(length - 1, 0).bit_length(), step, elems)
-
-
-def _start_buffers_xla(summary):
-    """Exclusive prefix of per-chunk summaries along axis 1 (a rolled doubling scan, then a shift by one):
-    (scores [rows, chunks, R], positions, dropped [rows, chunks], document of the last key)."""
-    inclusive = doubling_scan(_merge_summaries, summary, axis=1)
-    rows, _, R = summary[0].shape
-    empty = (jnp.full((rows, 1, R), -jnp.inf, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
-             jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.full((rows, 1), -2, jnp.int32),
-             jnp.full((rows, 1), -2, jnp.int32), jnp.zeros((rows, 1), bool))
-    a_z, a_pos, a_dropped, _, a_doc, _ = (jnp.concatenate([e, x[:, :-1]], axis=1) for e, x in zip(empty, inclusive))
-    return a_z, a_pos, a_dropped, a_doc
-
-
-def _start_buffers_pallas(summary, *, interpret: bool, num_warps: int):
-    """``_start_buffers_xla`` by the tree-scan kernels (``simulation.pallas_exclusive_scan``)."""
-    z, pos, dropped, first, last, reset = summary
-    docs = jnp.stack([first, last, reset.astype(jnp.int32), jnp.zeros_like(first)], axis=-1)
-    out = simulation.pallas_exclusive_scan(simulation.Summaries(z, pos, dropped[..., None], docs),
-                                           interpret=interpret, num_warps=num_warps)
-    return out.z, out.pos, out.dropped[..., 0], out.docs[..., 1]
-
-
-class _Backend(NamedTuple):
-    """The heavy steps, in plain XLA or as Pallas GPU kernels, and the small prefix scans: rolled on the XLA
-    path (CPU and TPU compile one program for every length), work-efficient with the kernels."""
-
-    start_buffers: Callable
+    exclusive_scan: Callable
     cut_states: Callable
     lanes: Callable
     prefix_scan: Callable
 
 
-def threshold_backend(implementation: str, interpret: bool,
-                      launch: simulation.Launch = simulation.DEFAULT_LAUNCH) -> _Backend:
+def threshold_steps(implementation: str, interpret: bool,
+                    launch: thresholds_pallas.Launch = thresholds_pallas.DEFAULT_LAUNCH) -> ThresholdSteps:
     """The steps of ``implementation`` (``"xla"`` or ``"pallas_gpu"``); ``launch``: the kernels' launch
     parameters (ignored by ``"xla"``)."""
     if implementation == "pallas_gpu":
-        return _Backend(functools.partial(_start_buffers_pallas, interpret=interpret, num_warps=launch.scan_warps),
-                        functools.partial(simulation.pallas_cut_states, interpret=interpret,
-                                          num_warps=launch.cut_state_warps),
-                        functools.partial(simulation.pallas_lanes, interpret=interpret,
-                                          lanes_per_program=launch.lanes_per_program, num_warps=launch.lane_warps),
-                        lax.associative_scan)
-    return _Backend(_start_buffers_xla, simulation.xla_cut_states, simulation.xla_lanes, doubling_scan)
+        return ThresholdSteps(
+            functools.partial(thresholds_pallas.pallas_exclusive_scan, interpret=interpret,
+                              num_warps=launch.scan_warps),
+            functools.partial(thresholds_pallas.pallas_cut_states, interpret=interpret,
+                              num_warps=launch.cut_state_warps),
+            functools.partial(thresholds_pallas.pallas_lanes, interpret=interpret,
+                              lanes_per_program=launch.lanes_per_program, num_warps=launch.lane_warps),
+            lax.associative_scan)
+    return ThresholdSteps(thresholds_xla.xla_exclusive_scan, thresholds_xla.xla_cut_states, thresholds_xla.xla_lanes,
+                          thresholds_xla.doubling_scan)
 
 
 def prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
-                    backend: _Backend = threshold_backend("xla", False)) -> _Chunks:
+                    backend: ThresholdSteps = threshold_steps("xla", False)) -> _Chunks:
     """Sorted chunk lists, start buffers (an exclusive scan of per-chunk top-R summaries), document
     counts and the cut states every lane starts from. scores float32 [rows, seq], segments int32 [rows, seq]."""
     rows, seq = scores.shape
@@ -245,9 +157,12 @@ def prepare_chunks(scores, segments, *, topk: int, buffer_size: int, chunk: int,
         summary_z, summary_pos = place(q_z, -jnp.inf), place(q_pos, -1)
         change = (seg[:, 1:] != seg[:, :-1]) & valid[:, 1:]
         chunk_change = jnp.pad(change, [(0, 0), (0, 1)]).reshape(rows, num_chunks, C)[:, :, :C - 1]
-        summary = (summary_z[..., :R], summary_pos[..., :R], jnp.max(summary_z[..., R:], axis=-1, initial=-jnp.inf),
-                   seg[:, starts], last_seg, jnp.any(chunk_change, axis=-1))
-        a_z, a_pos, a_dropped, a_doc = backend.start_buffers(summary)
+        docs = jnp.stack([seg[:, starts], last_seg, jnp.any(chunk_change, axis=-1).astype(jnp.int32),
+                          jnp.zeros_like(last_seg)], axis=-1)
+        summary = simulation.Summaries(summary_z[..., :R], summary_pos[..., :R],
+                                       jnp.max(summary_z[..., R:], axis=-1, initial=-jnp.inf, keepdims=True), docs)
+        buffers = backend.exclusive_scan(summary)
+        a_z, a_pos, a_dropped, a_doc = buffers.z, buffers.pos, buffers.dropped[..., 0], buffers.docs[..., 1]
         a_count = jnp.sum(a_pos >= 0, axis=-1, dtype=jnp.int32)
 
     # Keys of the current document before each position; where each chunk's first cut begins.
@@ -305,7 +220,7 @@ def _anchor_lists(ch: _Chunks, theta, theta_pos, segments, anchor_top, *, block_
                                              "implementation", "interpret", "with_anchors", "launch"))
 def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_size, scan_block,
                        implementation="xla", interpret=False, with_anchors=True,
-                       launch: simulation.Launch = simulation.DEFAULT_LAUNCH) -> BlockedThresholds:
+                       launch: thresholds_pallas.Launch = thresholds_pallas.DEFAULT_LAUNCH) -> BlockedThresholds:
     """Thresholds of every query plus per-query-block anchors. scores float32 ``[batch, seq, kv_heads]``,
     segments int32 ``[batch, seq]``, ``topk >= 1``, ``buffer_size >= min(topk, seq)`` (raised to
     ``topk + 1`` inside where smaller: a buffer must hold the k-th key and the next). ``block_size``: queries
@@ -334,7 +249,7 @@ def blocked_thresholds(scores, segments, *, topk, window, buffer_size, block_siz
     u = jnp.where(u == 0.0, 0.0, u)
     seg = jnp.broadcast_to(segments[:, None, :], (batch, kv_heads, seq)).reshape(rows, seq)
     R = max(buffer_size, min(topk + 1, seq))
-    backend = threshold_backend(implementation, interpret, launch)
+    backend = threshold_steps(implementation, interpret, launch)
     ch = prepare_chunks(u, seg, topk=topk, buffer_size=R, chunk=scan_block, backend=backend)
     with jax.named_scope("lanes"):
         out = backend.lanes(ch.lists, ch.info, ch.chunk_cut, ch.start_cut, k=topk, buffer_size=R, chunk=scan_block,
@@ -452,11 +367,7 @@ def prefix_thresholds(scores: jax.Array, *, topk: int, window: int, segment_ids:
     chunk_size = validation.check_nonnegative_int("chunk_size", chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, received {chunk_size}")
-    if buffer_size is None:
-        buffer_size = default_buffer_size(topk, seq)
-    buffer_size = validation.check_nonnegative_int("buffer_size", buffer_size)
-    if buffer_size < min(max(topk, 1), seq):
-        raise ValueError(f"buffer_size: expected at least min(topk, seq)={min(topk, seq)}, received {buffer_size}")
+    buffer_size = resolve_buffer_size(buffer_size, topk=topk, seq=seq)
 
     shape = (batch, seq, kv_heads)
     if topk == 0 or seq == 0:

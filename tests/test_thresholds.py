@@ -135,7 +135,7 @@ def test_jit_vmap_grad(rng):
     (dict(window=2.5), r"window: expected a non-negative Python int, received 2.5"),
     (dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids: expected shape \(1, 8\)"),
     (dict(segment_ids=jnp.zeros((1, 8))), "segment_ids: expected an integer array"),
-    (dict(buffer_size=2), r"buffer_size: expected at least min\(topk, seq\)=3, received 2"),
+    (dict(buffer_size=2), r"buffer_size: expected None or at least min\(topk, seq\)=3, received 2"),
     (dict(scores=jnp.ones((1, 8, 2), jnp.int32)), "scores: expected a floating-point array"),
 ])
 def test_bad_input(kwargs, match):
@@ -236,7 +236,10 @@ def test_summary_scan_kernels_match_xla(rng, chunks, R):
     # The start buffers: the tree-scan kernels (interpret mode) against the XLA doubling scan, exactly. Chunks
     # of 6 keys with tied scores, several documents (some starting inside a chunk, some at its first key),
     # buffers that are not a power of two wide and chunk counts that are not a power of two.
-    from sparsek_jax.thresholds import _sorted_desc, _start_buffers_pallas, _start_buffers_xla
+    from sparsek_jax.thresholds import _sorted_desc
+    from sparsek_kernels.simulation import Summaries
+    from sparsek_kernels.thresholds_pallas import pallas_exclusive_scan
+    from sparsek_kernels.thresholds_xla import xla_exclusive_scan
     rows, C = 3, 6
     z = (np.round(rng.normal(size=(rows, chunks * C)) * 2) / 2).astype(np.float32)
     docs = np.cumsum(rng.random((rows, chunks * C)) < 0.08, axis=1).astype(np.int32)
@@ -249,12 +252,14 @@ def test_summary_scan_kernels_match_xla(rng, chunks, R):
     width = max(R, C)
     pad = lambda x, fill: jnp.pad(x, [(0, 0), (0, 0), (0, width - C)], constant_values=fill)
     sz, spos = pad(sz, -jnp.inf), pad(spos, -1)
-    summary = (sz[..., :R], spos[..., :R], jnp.max(sz[..., R:], axis=-1, initial=-jnp.inf),
-               jnp.asarray(chunked(docs)[:, :, 0]), jnp.asarray(last),
-               jnp.asarray(np.any(np.diff(chunked(docs), axis=2) != 0, axis=2)))
-    want = _start_buffers_xla(summary)
-    got = _start_buffers_pallas(summary, interpret=True, num_warps=4)
-    for name, g, w in zip(("scores", "positions", "dropped", "document"), got, want):
+    starts_inside = np.any(np.diff(chunked(docs), axis=2) != 0, axis=2).astype(np.int32)
+    summary = Summaries(sz[..., :R], spos[..., :R], jnp.max(sz[..., R:], axis=-1, initial=-jnp.inf, keepdims=True),
+                        jnp.asarray(np.stack([chunked(docs)[:, :, 0], last, starts_inside, 0 * last], axis=-1)))
+    want = xla_exclusive_scan(summary)
+    got = pallas_exclusive_scan(summary, interpret=True, num_warps=4)
+    # An exclusive prefix's meaning: its top keys, the largest score cut, the document of its last key.
+    for name, g, w in (("z", got.z, want.z), ("pos", got.pos, want.pos), ("dropped", got.dropped, want.dropped),
+                       ("document", got.docs[..., 1], want.docs[..., 1])):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
@@ -375,3 +380,26 @@ def test_gradients_reach_the_right_keys(rng):
             np.testing.assert_array_equal(d_theta[i], np.arange(30) == int(info.theta_pos[0, i, 0]))
         else:
             assert not d_tau[i].any() and not d_theta[i].any()
+
+
+def test_one_buffer_size_rule_for_thresholds_attention_and_model():
+    from sparsek_jax.nn import ModelConfig
+    from sparsek_jax.thresholds import resolve_buffer_size
+
+    # The buffer holds the min(topk, seq) best scores: that many is enough, one fewer is refused, everywhere.
+    assert resolve_buffer_size(None, topk=8, seq=100) == sk.default_buffer_size(8, 100)
+    assert resolve_buffer_size(5, topk=8, seq=5) == 5
+    with pytest.raises(ValueError, match=r"buffer_size: expected None or at least min\(topk, seq\)=5, received 4"):
+        resolve_buffer_size(4, topk=8, seq=5)
+    u = jnp.zeros((1, 5, 1))
+    q = jnp.zeros((1, 5, 1, 4))
+    sk.prefix_thresholds(u, topk=8, window=0, buffer_size=5)
+    sk.sparsek_attention(q, q, q, u, topk=8, window=0, buffer_size=5)
+    for call in (lambda: sk.prefix_thresholds(u, topk=8, window=0, buffer_size=4),
+                 lambda: sk.sparsek_attention(q, q, q, u, topk=8, window=0, buffer_size=4)):
+        with pytest.raises(ValueError, match=r"buffer_size: expected None or at least min\(topk, seq\)=5"):
+            call()
+    # A model config serves sequences of any length: there the rule is topk.
+    ModelConfig(vocab_size=8, topk=8, buffer_size=8)
+    with pytest.raises(ValueError, match="ModelConfig.buffer_size: expected None or at least topk=8, received 7"):
+        ModelConfig(vocab_size=8, topk=8, buffer_size=7)

@@ -107,7 +107,7 @@ def test_vmap_and_block_options(rng):
                              block_sizes=sk.BlockSizes(block_k=24))
     with pytest.raises(ValueError, match="block_sizes: expected a BlockSizes or None, received 8"):
         sk.sparsek_attention(q, k, v, u, topk=3, window=2, block_sizes=8)
-    with pytest.raises(ValueError, match=r"buffer_size: expected at least min\(topk, seq\)=3, received 2"):
+    with pytest.raises(ValueError, match=r"buffer_size: expected None or at least min\(topk, seq\)=3, received 2"):
         sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla", buffer_size=2)
 
 

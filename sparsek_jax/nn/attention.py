@@ -14,7 +14,7 @@ from sparsek_jax.nn.config import ModelConfig
 from sparsek_jax.nn.params import param
 from sparsek_jax.nn.rope import apply_rope
 from sparsek_jax.nn.scoring import ScoringNetwork
-from sparsek_jax.thresholds import default_buffer_size
+from sparsek_jax.thresholds import resolve_buffer_size
 
 
 # Logical names of the activations' batch and head axes: under ``nnx.logical_axis_rules`` that map them to mesh
@@ -138,7 +138,7 @@ class SparseKAttention(nnx.Module):
         topk = c.topk if self.kind == "sparsek" else 0
         extra = 0
         if topk:
-            buffer = c.buffer_size or default_buffer_size(topk, c.max_decode_length)
+            buffer = resolve_buffer_size(c.buffer_size, topk=topk, seq=c.max_decode_length)
             extra = max(buffer - topk, 0)
         return kv_cache.empty_cache(batch_size, ring=ring, topk=topk, extra=extra, kv_heads=c.num_kv_heads,
                                     head_dim=c.head_dim, dtype=c.compute_dtype)

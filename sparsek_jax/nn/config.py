@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sparsek_jax import validation
 from sparsek_jax.block_sizes import BlockSizes
+from sparsek_jax.thresholds import resolve_buffer_size
 from sparsek_jax.nn.rope import RopeScaling
 
 ATTENTION_KINDS = ("dense", "sliding", "sparsek", "block_topk")
@@ -112,9 +113,8 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"ModelConfig.{name}: expected a finite number {'>=' if inclusive else '>'} {low:g}, "
                                  f"received {value!r}")
-        if self.buffer_size is not None and (isinstance(self.buffer_size, bool) or self.buffer_size < self.topk):
-            raise ValueError(f"ModelConfig.buffer_size: expected None or at least topk={self.topk}, received "
-                             f"{self.buffer_size!r}")
+        # Sequences of any length: the buffer must hold topk scores.
+        resolve_buffer_size(self.buffer_size, topk=self.topk, seq=None, name="ModelConfig.buffer_size")
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:

@@ -1,0 +1,123 @@
+"""The threshold steps in plain XLA: the path on CPU and TPU, and the twin every Pallas kernel of
+``thresholds_pallas`` is tested against. Each function here has a twin there with the same signature:
+
+- ``xla_exclusive_scan`` / ``pallas_exclusive_scan``: the exclusive prefix of per-chunk summaries (the top
+  ``R`` keys before each chunk), here a rolled doubling scan whose combine merges two sorted lists by
+  counting ranks and a scatter; both merges are exact, so the twins agree bit for bit on what a prefix
+  means (its keys, the largest score cut, the document of its last key);
+- ``xla_cut_states`` / ``pallas_cut_states``: the state each lane starts from;
+- ``xla_lanes`` / ``pallas_lanes``: the event simulation (``simulation.run_lanes``), all lanes at once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sparsek_kernels.simulation import (NEG_INF, Cut, LaneInfo, Lists, Outputs, Summaries, chunk_cut_state,
+                                        run_lanes, unflatten_outputs)
+
+
+def doubling_scan(combine, elems, axis: int = 0):
+    """Inclusive scan of a pytree along ``axis`` by recursive doubling in a rolled loop: step ``s`` combines
+    every element with the one ``2**s`` before it. ``O(n log n)`` combines where ``lax.associative_scan``
+    does ``O(n)``, but the program does not depend on the length (``associative_scan`` unrolls its levels,
+    so every new length compiles a larger program)."""
+    leaves = jax.tree.leaves(elems)
+    length = leaves[0].shape[axis]
+
+    def step(s, xs):
+        shift = jnp.left_shift(1, s)
+        combined = combine(jax.tree.map(lambda x: jnp.roll(x, shift, axis), xs), xs)
+
+        def keep_first(c, x):  # the first 2**s elements have nothing that far before them
+            index = jnp.arange(length).reshape([length if d == axis else 1 for d in range(x.ndim)])
+            return jnp.where(index >= shift, c, x)
+
+        return jax.tree.map(keep_first, combined, xs)
+
+    return lax.fori_loop(0, max(length - 1, 0).bit_length(), step, elems)
+
+
+def _merge_lists(a_scores, a_pos, b_scores, b_pos, keep_b):
+    """Top R of two sorted lists by (score, position) descending, where every key of b is newer (it wins
+    ties), batched over the first axis: each key's place in the merged list is its index plus its rank in the
+    other list, then a scatter. ``keep_b`` [pairs] bool: return ``b`` unchanged. Returns (scores, positions)
+    and the largest score that did not fit (``-inf`` where ``keep_b``)."""
+    buffer_size = a_scores.shape[-1]
+
+    def merge(a_scores, a_pos, b_scores, b_pos):
+        index = jnp.arange(buffer_size, dtype=jnp.int32)
+        search = functools.partial(jnp.searchsorted, method="scan")  # a rolled loop: small programs
+        a_dest = index + search(-b_scores, -a_scores, side="right")   # b keys with a score >= a's
+        b_dest = index + search(-a_scores, -b_scores, side="left")    # a keys with a score > b's
+        dest = jnp.concatenate([a_dest, b_dest])
+        scores = jnp.full((2 * buffer_size,), -jnp.inf, jnp.float32).at[dest].set(
+            jnp.concatenate([a_scores, b_scores]), mode="drop")
+        pos = jnp.full((2 * buffer_size,), -1, jnp.int32).at[dest].set(jnp.concatenate([a_pos, b_pos]),
+                                                                        mode="drop")
+        return scores, pos
+
+    scores, pos = jax.vmap(merge)(a_scores, a_pos, b_scores, b_pos)
+    keep = keep_b[:, None]
+    return (jnp.where(keep, b_scores, scores[:, :buffer_size]), jnp.where(keep, b_pos, pos[:, :buffer_size]),
+            jnp.where(keep_b, -jnp.inf, scores[:, buffer_size]))
+
+
+def _combine(a: Summaries, b: Summaries) -> Summaries:
+    """The summary of range ``a`` followed by range ``b``, batched over leading axes (``[..., R]`` lists):
+    the merge of the two lists (every key of b is newer, so it wins ties; ``O(R log R)``, no sort), or b's
+    alone when b starts a new document."""
+    buffer_size = a.z.shape[-1]
+    lead = a.z.shape[:-1]
+    flat = lambda x: x.reshape((-1, buffer_size))
+    boundary = (b.docs[..., 2] > 0) | (a.docs[..., 1] != b.docs[..., 0])  # b is not a's continuation
+    z, pos, lost = _merge_lists(flat(a.z), flat(a.pos), flat(b.z), flat(b.pos), boundary.reshape(-1))
+    dropped = jnp.maximum(jnp.maximum(a.dropped, b.dropped), lost.reshape(lead + (1,)))
+    docs = jnp.stack([a.docs[..., 0], b.docs[..., 1], ((a.docs[..., 2] > 0) | boundary).astype(jnp.int32),
+                      jnp.zeros_like(boundary, jnp.int32)], axis=-1)
+    return Summaries(z.reshape(lead + (buffer_size,)), pos.reshape(lead + (buffer_size,)),
+                     jnp.where(boundary[..., None], b.dropped, dropped), docs)
+
+
+def xla_exclusive_scan(leaves: Summaries) -> Summaries:
+    """Exclusive prefix summaries along axis 1 (element ``c``: the chunks before ``c``; element 0: empty):
+    a rolled doubling scan, then a shift by one. Of ``docs`` only the last key's document (``docs[..., 1]``)
+    is a prefix's: the first document and the reset flag are the scan's own bookkeeping."""
+    inclusive = doubling_scan(_combine, leaves, axis=1)
+    rows, _, R = leaves.z.shape
+    empty = Summaries(jnp.full((rows, 1, R), NEG_INF, jnp.float32), jnp.full((rows, 1, R), -1, jnp.int32),
+                      jnp.full((rows, 1, 1), NEG_INF, jnp.float32),
+                      jnp.broadcast_to(jnp.asarray([-2, -2, 0, 0], jnp.int32), (rows, 1, 4)))
+    return Summaries(*(jnp.concatenate([e, x[:, :-1]], axis=1) for e, x in zip(empty, inclusive)))
+
+
+def xla_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int) -> tuple[Cut, Cut]:
+    """(state at each chunk's start, state at its first cut) for ``[chunks, ...]`` inputs, in plain XLA."""
+    states = lambda at_cut: jax.vmap(functools.partial(chunk_cut_state, at_cut=at_cut, k=k))(
+        a_z, a_pos, q_z, q_pos, q_seg, scalars)
+    return states(False), states(True)
+
+
+def _output_buffers(lanes: int, C: int, rows: int) -> Outputs:
+    """Flat output buffers of ``lanes`` lanes (``C`` positions and ``rows`` anchor rows each, plus a sink)."""
+    return Outputs(jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32), jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32),
+                   jnp.full((lanes * (C + 1),), -1, jnp.int32), jnp.zeros((lanes * (C + 1),), jnp.int32),
+                   jnp.ones((lanes * (C + 1),), jnp.int32), jnp.zeros((lanes * (rows + 1),), jnp.int32))
+
+
+def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
+              chunk: int, block: int, anchor_offset: int) -> Outputs:
+    """All lanes at once in plain XLA (the CPU/TPU path and the kernels' twin); see ``run_lanes``."""
+    lanes, rows = info.start.shape[0], chunk // block
+
+    def store(outputs, slot, anchor_slot, values):
+        return Outputs(*(o.at[slot].set(v.astype(o.dtype)) for o, v in zip(outputs[:5], values[:5])),
+                       outputs.anchor_top.at[anchor_slot].set(values[5]))
+
+    out = run_lanes(lists, info, chunk_cut, start_cut, store, _output_buffers(lanes, chunk, rows), k=k,
+                    buffer_size=buffer_size, chunk=chunk, block=block, anchor_offset=anchor_offset)
+    return unflatten_outputs(out, lanes, chunk, rows)
