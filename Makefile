@@ -1,4 +1,4 @@
-# Two commands a user needs: `make demo` (the main job on its embedded default) and `make test`.
+# Two commands a user needs: `make demo` (a small SparseK model end to end) and `make test`.
 # Both create .venv with Python 3.12 on first use.
 SHELL := /bin/bash
 VENV := .venv
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The main job on its embedded default: data (State of the Union corpus, offline), training, evaluation,
+# A small SparseK model end to end: data (State of the Union corpus, offline), training, evaluation,
 # generation and the loss plot. Rerunning resumes from the newest checkpoint.
 demo: venv
 	$(VENV)/bin/sparsek-train configs/demo.yaml
@@ -28,7 +28,7 @@ demo: venv
 
 # A tour of the operator and the attention (prints, and plots the selection pattern).
 tour: venv
-	$(PY) -m sparsek_jax.demo --out runs/tour
+	$(PY) -m sparsek_train.tour --out runs/tour
 
 # A dense demo model converted to SparseK and fine-tuned; held-out loss by position before and after
 # (docs/results.md).

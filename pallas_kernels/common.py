@@ -1,4 +1,4 @@
-"""Rules and math written once for every path: the selection rule, the pattern, logits and score gradients of a
+"""Rules and math written once for every path: the selection rule, the gates of (query, key) pairs, logits and score gradients of a
 chunk of (query, key) pairs, and a binary search that lowers in Triton and Mosaic.
 
 Every function is pure ``jnp`` on loaded values and broadcasts: the kernels call it on ``[rows, keys]`` blocks
@@ -19,7 +19,7 @@ def is_selected(scores_j, pos_j, theta_i, theta_pos_i):
     return (scores_j > theta_i) | ((scores_j == theta_i) & (pos_j >= theta_pos_i))
 
 
-def pattern(i, q_seg, tau, theta, theta_pos, j, u_j, seg_j, valid_j, *, window, seq):
+def pair_gates(i, q_seg, tau, theta, theta_pos, j, u_j, seg_j, valid_j, *, window, seq):
     """Allowed pairs, gates and the fractional (gate-moving) pairs of queries x keys.
 
     Per query: position, document, ``tau``, ``theta``, ``theta_pos``; per key: position, score, document,

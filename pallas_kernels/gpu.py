@@ -5,7 +5,7 @@ them attends to is either a *contiguous* key in ``(i0 - window, i0 + block_q - 1
 candidates that enter inside the block) or an *anchor*: a key selected by the block's first query. The
 queries of all query heads of a KV head's group are one ``[block_q * group, head_dim]`` tile (GQA reads every
 key once per group). Masks and gates are rebuilt per (query, key) from positions, document ids, ``u``,
-``tau``, ``theta`` and ``theta_pos`` (``common.pattern``); no index matrix exists.
+``tau``, ``theta`` and ``theta_pos`` (``common.pair_gates``); no index matrix exists.
 
 Three kernels:
 
@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from sparsek_kernels import layout
-from sparsek_kernels.common import MASK_VALUE, logits, pattern, score_gradients
+from sparsek_kernels.common import MASK_VALUE, logits, pair_gates, score_gradients
 
 class _Rows(NamedTuple):
     """Per-row inputs of one query tile (loaded from refs, ``[rows, 1]`` each)."""
@@ -56,7 +56,7 @@ def _walk_tile(carry, update, refs, rows: _Rows, *, c, window, block_q, block_k,
 
     def chunk_of(j, valid, load):
         k, v, u_j, seg_j = load
-        allowed, gates, fractional = pattern(*rows, j[None, :], u_j[None, :], seg_j[None, :], valid[None, :],
+        allowed, gates, fractional = pair_gates(*rows, j[None, :], u_j[None, :], seg_j[None, :], valid[None, :],
                                              window=window, seq=seq)
         return k, v, allowed, gates, fractional
 
@@ -153,7 +153,7 @@ def _backward_keys_kernel(q_ref, k_ref, v_ref, u_ref, seg_ref, anchors_ref, qpos
         dk, dv, du = carry
         q, do = q_ref[c], do_ref[c]
         lse, delta = lse_ref[c], delta_ref[c]
-        allowed, gates, fractional = pattern(*(ref[c] for ref in (qpos_ref, qseg_ref, tau_ref, theta_ref,
+        allowed, gates, fractional = pair_gates(*(ref[c] for ref in (qpos_ref, qseg_ref, tau_ref, theta_ref,
                                                                    theta_pos_ref)),
                                              j[None, :], u_j[None, :], seg_j[None, :], valid[None, :],
                                              window=window, seq=seq)

@@ -1,25 +1,7 @@
-"""Prefix thresholds by event simulation over chunks: the math, written once on arrays of lanes.
-
-A row of key scores is cut into chunks of ``C`` consecutive keys. For every key prefix ``t`` of the row (the
-keys ``j <= t`` of ``t``'s document) the caller needs ``tau_t`` (the SPARSEK threshold with budget ``k``),
-``theta_t`` (the k-th largest score, ties: newer first) and the number of fractional keys. One *lane* walks
-one chunk, key by key, and keeps only what the thresholds depend on:
-
-- the counts ``|U|`` (keys with ``z - 1 > tau``, gate 1) and ``|M|`` (``tau < z <= tau + 1``, fractional)
-  and the sum of ``z - c0`` over ``M``, as a float-float pair (TwoSum), so that ``tau`` is the closed form
-  ``c0 + (|U| - k + sum_M (z - c0)) / |M|`` of the linear piece it lies on;
-- pointers into two lists sorted by ``(score, position)`` descending: ``A``, the top ``R`` keys of the
-  document before the chunk (a bounded buffer), and ``Q``, the chunk's own keys (a key of ``Q`` takes part
-  once it has arrived, i.e. its position is ``<= t``, and while it is in the current document).
-
-Because ``tau`` and ``theta`` never decrease within a document, every pointer only moves up: a new key that
-lands above ``tau`` raises ``f(tau) = sum clip(z - tau, 0, 1)`` above ``k``, and ``tau`` climbs, crossing
-breakpoints (a key's ``z - 1``: it leaves ``U`` for ``M``; its ``z``: it leaves ``M``) until the root lies on
-the current piece. Each key's two breakpoints are crossed at most once, so a chunk costs ``O(C + crossings)``
-steps, and lanes are independent. The state at a chunk's start (and at the first key of a document that
-makes the candidate set exceed ``k``) comes from a vectorised search over the sorted lists
-(``cut_state``). ``theta`` is the lowest member of the top-k, ``A[:a_top]`` plus the arrived keys of
-``Q[:q_top]``; a newcomer above it pops the lowest member.
+"""The thresholds' event simulation over chunks of keys, written once on arrays of lanes: the lane state and its
+step (``lane_step``, ``run_lanes``), the state a lane starts from (``cut_state``), and the summaries the
+buffers are scanned from. One lane walks one chunk key by key, keeping counts of the gate-1 and fractional
+keys, a float-float sum and pointers into two sorted lists; docs/operator.md derives it.
 
 Nothing here launches anything: ``thresholds_xla`` runs these functions on all lanes at once in plain XLA,
 ``thresholds_pallas`` inside Pallas GPU kernels (a block of lanes per program, reading and writing refs).

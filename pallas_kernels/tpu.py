@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sparsek_kernels import layout
-from sparsek_kernels.common import MASK_VALUE, logits, pattern, score_gradients
+from sparsek_kernels.common import MASK_VALUE, logits, pair_gates, score_gradients
 
 
 def contiguous_blocks(window: int, run: int, block_k: int) -> int:
@@ -58,7 +58,7 @@ def _rows(refs):
 
 
 def _chunk(rows, j, u_j, seg_j, valid, *, window, seq):
-    return pattern(*rows, j, u_j, seg_j, valid, window=window, seq=seq)
+    return pair_gates(*rows, j, u_j, seg_j, valid, window=window, seq=seq)
 
 
 def _visit(step, start, run, update, key_refs, *, num_contiguous, window, block_k, left_pad, seq, reaches=True):

@@ -4,7 +4,7 @@ For a block of ``B`` consecutive queries starting at ``i0`` every key any of the
 gathered tile of ``window + B - 1 + topk`` keys: the contiguous range ``(i0 - window, i0 + B - 1]`` (the
 block's windows plus the ``B - 1`` candidates that enter after ``i0``) and the anchors, the keys selected by
 the block's first query (docs/xla_attention.md says why that suffices). Masks and gates are rebuilt per
-(query, tile slot) by the rule every path shares (``sparsek_kernels.common.pattern``), one softmax per query.
+(query, tile slot) by the rule every path shares (``sparsek_kernels.common.pair_gates``), one softmax per query.
 Memory and time are ``O(batch * heads * seq * (window + B + topk))``; no ``seq x seq`` array exists.
 
 ``forward`` and ``backward`` have the signatures of the kernels' adapters (``sparsek_kernels.gpu``), so that
@@ -74,7 +74,7 @@ def _build_tiles(q, k, v, scores, segments, sel: layout.Selection, o: Options) -
     q_seg = _per_query(jnp.broadcast_to(segments[:, :, None], scores.shape), nb, B, -1)
     rows = (i, q_seg, _per_query(sel.tau, nb, B, jnp.inf), _per_query(sel.theta, nb, B, jnp.inf),
             _per_query(sel.theta_pos, nb, B, seq))
-    allowed, gates, fractional = common.pattern(*rows, per_key(key_pos), per_key(gather(scores)),
+    allowed, gates, fractional = common.pair_gates(*rows, per_key(key_pos), per_key(gather(scores)),
                                                 per_key(gather(key_seg)), per_key(key_valid), window=w, seq=seq)
     return _Tiles(_query_blocks(q, nb, B, kv_heads), gather(k.astype(jnp.float32)), gather(v.astype(jnp.float32)),
                   key_pos, allowed, gates, fractional)

@@ -3,15 +3,11 @@
 
 import os
 import shutil
-import sys
 import tempfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # builders, oracles
 
 _REQUESTED = os.environ.get("SPARSEK_TEST_SEED", "0")
 _SESSION_SEED = (int(np.random.SeedSequence().entropy % (2**32)) if _REQUESTED == "random" else int(_REQUESTED))

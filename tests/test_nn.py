@@ -1,5 +1,3 @@
-import dataclasses
-
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
@@ -194,9 +192,3 @@ def test_bad_config(overrides, match):
     with pytest.raises(ValueError, match=match):
         small_config(**overrides)
 
-
-def test_config_is_a_frozen_dataclass():
-    config = small_config()
-    assert dataclasses.replace(config, topk=9).topk == 9
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        config.topk = 3

@@ -45,6 +45,12 @@ def corpus(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def data_dir(corpus, tmp_path_factory):
+    """One corpus build, tokenizer and token cache for the module's runs (each run has its own run dir)."""
+    return tmp_path_factory.mktemp("data")
+
+
 def run_overrides(corpus, data_dir, run_dir, **extra):
     values = {"data.dataset": "text_files", "data.source_path": str(corpus), "data.data_dir": str(data_dir),
               "data.vocab_size": 300, "data.seq_len": 32, "data.batch_size": 4, "data.eval_seq_len": 64,
@@ -60,8 +66,8 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_train_checkpoint_resume_eval(corpus, tmp_path):
-    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+def test_train_checkpoint_resume_eval(corpus, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
     config = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{
         "train.steps": 3, "train.checkpoint_every": 2}))
     summary = train(config, log=lambda m: None, show_progress=False)
@@ -100,8 +106,7 @@ def test_train_checkpoint_resume_eval(corpus, tmp_path):
     assert plotted.returncode == 0 and (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resumed_run_has_the_same_losses(corpus, tmp_path):
-    data_dir = tmp_path / "data"
+def test_resumed_run_has_the_same_losses(corpus, tmp_path, data_dir):
     straight = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, tmp_path / "a",
                                                                     **{"train.steps": 6}))
     train(straight, log=lambda m: None, show_progress=False)
@@ -147,8 +152,8 @@ print(json.dumps({"devices": jax.device_count(), "mesh": dict(session.mesh.shape
 
 
 @pytest.mark.parametrize("kernels", ["xla", "pallas_gpu_interpret"])
-def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernels):
-    overrides = run_overrides(corpus, tmp_path / "data", tmp_path / "run", **{"data.batch_size": 8})
+def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernels, data_dir):
+    overrides = run_overrides(corpus, data_dir, tmp_path / "run", **{"data.batch_size": 8})
     if kernels == "pallas_gpu_interpret":
         overrides += ["model.implementation=pallas_gpu", "model.interpret=true", "model.num_layers=1"]
 
@@ -180,9 +185,9 @@ def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernel
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-4)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_continues(corpus, tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    overrides = run_overrides(corpus, tmp_path / "data", run_dir, **{"train.steps": 100000,
+    overrides = run_overrides(corpus, data_dir, run_dir, **{"train.steps": 100000,
                                                                     "train.checkpoint_every": 100000})
     process = subprocess.Popen([sys.executable, "-m", "sparsek_train.trainer", str(ROOT / "configs/demo.yaml"), *overrides],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -196,19 +201,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
     assert "stopped by signal" in out
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(saved) == 1 and saved[0] >= 1
-    resumed = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir, **{
+    resumed = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{
         "train.steps": saved[0] + 1}))
     summary = train(resumed, log=lambda m: None, show_progress=False)
     assert summary["step"] == saved[0] + 1
 
 
-def test_bad_config_exits_with_status_2_naming_the_key():
+def test_bad_config_exits_with_status_2_naming_the_key(capsys):
+    from sparsek_train import trainer
+
     for argv, key in ((["train.stepz=3"], "train.stepz: unknown key"),
                       (["train.steps=many"], "train.steps: expected int, received 'many'")):
-        result = subprocess.run([sys.executable, "-m", "sparsek_train.trainer", str(ROOT / "configs/demo.yaml"), *argv],
-                                capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert result.returncode == 2
-        assert key in result.stderr
+        assert trainer.main([str(ROOT / "configs/demo.yaml"), *argv]) == 2
+        assert key in capsys.readouterr().err
 
 
 # -- faults: nothing silently wrong, nothing lost ---------------------------------------------------------------
@@ -229,14 +234,14 @@ def saved_steps(run_dir):
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_divergence_stops_without_saving_over_the_last_good_checkpoint(corpus, tmp_path, capsys, mode):
+def test_divergence_stops_without_saving_over_the_last_good_checkpoint(corpus, tmp_path, capsys, mode, data_dir):
     from sparsek_train import trainer
 
     run_dir = tmp_path / "run"
-    good = run_overrides(corpus, tmp_path / "data", run_dir, **{"train.steps": 2, "train.checkpoint_every": 1})
+    good = run_overrides(corpus, data_dir, run_dir, **{"train.steps": 2, "train.checkpoint_every": 1})
     quiet(load_config(ROOT / "configs/demo.yaml", good))
     # A learning rate of 1e30 sends the parameters to ~1e30 in one step; the next loss overflows.
-    diverge = run_overrides(corpus, tmp_path / "data", run_dir, **{
+    diverge = run_overrides(corpus, data_dir, run_dir, **{
         "train.steps": 12, "train.checkpoint_every": 1, "train.learning_rate": 1e30, "train.warmup_steps": 0,
         "train.on_nonfinite": mode, "train.max_skipped_steps": 3})
     assert trainer.main([str(ROOT / "configs/demo.yaml"), *diverge]) == 1
@@ -248,10 +253,10 @@ def test_divergence_stops_without_saving_over_the_last_good_checkpoint(corpus, t
         assert max(saved_steps(run_dir)) < int(found.group(1)), "a checkpoint was saved after a bad step"
 
 
-def test_corrupt_newest_checkpoints_fall_back_and_metrics_keep_each_step_once(corpus, tmp_path):
+def test_corrupt_newest_checkpoints_fall_back_and_metrics_keep_each_step_once(corpus, tmp_path, data_dir):
     run_dir = tmp_path / "run"
     args = lambda steps: load_config(ROOT / "configs/demo.yaml", run_overrides(
-        corpus, tmp_path / "data", run_dir, **{"train.steps": steps, "train.checkpoint_every": 2,
+        corpus, data_dir, run_dir, **{"train.steps": steps, "train.checkpoint_every": 2,
                                                "train.keep_checkpoints": 5}))
     quiet(args(6))
     assert saved_steps(run_dir) == [2, 4, 6]
@@ -267,7 +272,7 @@ def test_corrupt_newest_checkpoints_fall_back_and_metrics_keep_each_step_once(co
     assert saved_steps(run_dir) == [2, 4, 6, 7] and (run_dir / "checkpoints" / "unreadable-6").is_dir()
 
 
-def test_failed_save_stops_with_one_message(corpus, tmp_path, capsys, monkeypatch):
+def test_failed_save_stops_with_one_message(corpus, tmp_path, capsys, monkeypatch, data_dir):
     import errno
 
     import orbax.checkpoint as ocp
@@ -278,25 +283,25 @@ def test_failed_save_stops_with_one_message(corpus, tmp_path, capsys, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-    overrides = run_overrides(corpus, tmp_path / "data", tmp_path / "run", **{"train.steps": 3,
+    overrides = run_overrides(corpus, data_dir, tmp_path / "run", **{"train.steps": 3,
                                                                             "train.checkpoint_every": 2})
     assert trainer.main([str(ROOT / "configs/demo.yaml"), *overrides]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
     assert len(err) == 1 and "saving the checkpoint of step 2" in err[0] and "No space left" in err[0], err
 
 
-def test_run_dir_is_locked_and_bound_to_its_model(corpus, tmp_path):
+def test_run_dir_is_locked_and_bound_to_its_model(corpus, tmp_path, data_dir):
     from sparsek_train import run_dir as run_dirs
 
     run_dir = tmp_path / "run"
-    config = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir,
+    config = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir,
                                                                    **{"train.steps": 2}))
     quiet(config)
     saved = (run_dir / "config.yaml").read_text()
     with run_dirs.locked(run_dir):
         with pytest.raises(ConfigError, match=rf"train.run_dir: '{run_dir}' is in use by process {os.getpid()}"):
             quiet(config)
-    changed = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir, **{
+    changed = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{
         "train.steps": 4, "model.d_model": 48}))
     with pytest.raises(ConfigError, match=r"holds checkpoints of another configuration \(model.d_model: 32 in the "
                                           r"run, 48 now\)"):
@@ -304,7 +309,7 @@ def test_run_dir_is_locked_and_bound_to_its_model(corpus, tmp_path):
     assert (run_dir / "config.yaml").read_text() == saved
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="train.run_dir: expected a directory, received .* which is a file"):
-        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", tmp_path / "file")))
+        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, tmp_path / "file")))
 
 
 def test_restore_names_a_mismatched_parameter(tmp_path):
@@ -328,16 +333,16 @@ def test_restore_names_a_mismatched_parameter(tmp_path):
         RunCheckpoints(tmp_path, read_only=True).restore(1, *model(24))
 
 
-def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_path):
+def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_path, data_dir):
     from sparsek_train import app
     from sparsek_train.checkpointing import CheckpointError, RunCheckpoints
 
     dense_dir, converted_dir = tmp_path / "dense", tmp_path / "converted"
-    quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", dense_dir, **{
+    quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, dense_dir, **{
         "train.steps": 2, "model.attention": "dense"})))
     # Every step trains only the scorers and norms: the projections must come out as the dense run left them.
     summary, messages = quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(
-        corpus, tmp_path / "data", converted_dir, **{"train.steps": 3, "train.init_from": str(dense_dir),
+        corpus, data_dir, converted_dir, **{"train.steps": 3, "train.init_from": str(dense_dir),
                                                      "train.scorers_only_steps": 3, "model.window": 2})))
     assert summary["step"] == 3
     assert any(m.startswith("weights from") and "scoring-network parameters start at their initialisation" in m
@@ -362,23 +367,23 @@ def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_p
     assert all(np.abs(after[n]).max() > 0 for n in after if "scorer" in n)
     # Evaluation loads the dense run into the sparsek config too (the converted model before fine-tuning) and
     # rejects a source whose parameters do not fit.
-    converted = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", converted_dir) + [
+    converted = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, converted_dir) + [
         f"checkpoint={dense_dir}"])
     session = app.load_session(converted, with_optimizer=False, log=lambda m: None)
     np.testing.assert_array_equal(np.asarray(session.model.blocks[0].attention.q_proj[...]),
                                   before["blocks/0/attention/q_proj"])
-    wider = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", converted_dir) + [
+    wider = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, converted_dir) + [
         f"checkpoint={dense_dir}", "model.mlp_dim=64"])
     with pytest.raises(CheckpointError, match=r"checkpoint: model parameter blocks/0/mlp/down: expected shape "
                                               r"\(64, 32\), the checkpoint holds \(48, 32\)"):
         app.load_session(wider, with_optimizer=False, log=lambda m: None)
     with pytest.raises(ConfigError, match="train.init_from: expected a run directory, a checkpoint step directory or "
                                           "a Hugging Face checkpoint directory"):
-        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", tmp_path / "x", **{
+        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, tmp_path / "x", **{
             "train.init_from": str(tmp_path / "nothing")})))
 
 
-def test_scorer_distillation_steps_then_sparse_attention_and_scorer_learning_rate(corpus, tmp_path):
+def test_scorer_distillation_steps_then_sparse_attention_and_scorer_learning_rate(corpus, tmp_path, data_dir):
     from sparsek_train.checkpointing import RunCheckpoints
 
     def w_score(run_dir, step):
@@ -393,7 +398,7 @@ def test_scorer_distillation_steps_then_sparse_attention_and_scorer_learning_rat
             checkpoints.close()
 
     distilled = tmp_path / "distilled"
-    quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", distilled, **{
+    quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, distilled, **{
         "train.steps": 3, "train.scorer_distill_steps": 2, "model.window": 2})))
     records = [json.loads(line) for line in (distilled / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if "loss" in r}
@@ -401,7 +406,7 @@ def test_scorer_distillation_steps_then_sparse_attention_and_scorer_learning_rat
     # A tiny scorer learning rate leaves the scorers nearly where they started (zero) while the rest moves.
     slow, fast = tmp_path / "slow", tmp_path / "fast"
     for run_dir, scale in ((slow, 1e-6), (fast, 1.0)):
-        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, tmp_path / "data", run_dir, **{
+        quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{
             "train.steps": 2, "train.scorer_learning_rate_scale": scale})))
     slow_weights, fast_weights = w_score(slow, 2), w_score(fast, 2)
     scorer = "blocks/0/attention/scorer/w_score"

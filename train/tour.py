@@ -1,9 +1,9 @@
 """A small tour of the operator and the attention: prints what happens and plots the pattern.
 
-    python -m sparsek_jax.demo --out runs/demo
+    python -m sparsek_train.tour --out runs/tour          # or: make tour
 
 Writes ``selection_pattern.png`` (which keys each query attends to: window vs selected, gate values as
-colour, with the scores and the thresholds along the sequence) and ``demo.json`` (the printed numbers).
+colour, with the scores and the thresholds along the sequence) and ``tour.json`` (the printed numbers).
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def run(out: Path, *, seq: int = 96, topk: int = 8, window: int = 8, slope: floa
     png = out / "selection_pattern.png"
     plot_pattern(pattern, scores, tau, theta, png,
                  title=f"SparseK pattern: seq={seq}, topk={topk}, window={window}, random scores + slope {slope}")
-    (out / "demo.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {png} and {out / 'demo.json'}")
+    (out / "tour.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {png} and {out / 'tour.json'}")
     return report
 
 
