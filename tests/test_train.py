@@ -403,6 +403,7 @@ def test_scorer_distillation_steps_then_sparse_attention_and_scorer_learning_rat
     records = [json.loads(line) for line in (distilled / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if "loss" in r}
     assert steps[1]["distill_loss"] > 0 and steps[2]["distill_loss"] > 0 and "distill_loss" not in steps[3]
+    assert all(steps[s]["scorer_grad_norm"] > 0 for s in (1, 2, 3))  # the scorers learn in both phases
     # A tiny scorer learning rate leaves the scorers nearly where they started (zero) while the rest moves.
     slow, fast = tmp_path / "slow", tmp_path / "fast"
     for run_dir, scale in ((slow, 1e-6), (fast, 1.0)):

@@ -12,6 +12,7 @@ import jax
 import optax
 from flax import nnx
 
+from sparsek_jax.nn.scoring import is_scorer_parameter
 from sparsek_train import tasks
 from sparsek_train.checkpointing import resolve_checkpoint
 from sparsek_train.config import ConfigError, RunConfig, load_config
@@ -52,7 +53,7 @@ def optimizer_transform(config: RunConfig):
     if t.scorer_learning_rate_scale != 1.0:
         steps.append(optax.masked(optax.scale(t.scorer_learning_rate_scale),
                                   lambda params: jax.tree_util.tree_map_with_path(
-                                      lambda path, _: "scorer" in _path_names(path), params)))
+                                      lambda path, _: is_scorer(path), params)))
     if t.scorers_only_steps:
         steps.append(optax.masked(optax.scale_by_schedule(lambda count: count >= t.scorers_only_steps),
                                   lambda params: jax.tree_util.tree_map_with_path(
@@ -64,11 +65,15 @@ def _path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
+def is_scorer(path) -> bool:
+    """Whether a parameter (a pytree key path) lies in a scoring network."""
+    return is_scorer_parameter(_path_names(path))
+
+
 def _learns_first(path) -> bool:
     """The parameters that ``train.scorers_only_steps`` trains alone: scoring networks and norm scales (a
     converted model adapts its selection before its projections move)."""
-    names = _path_names(path)
-    return "scorer" in names or any(n.endswith("norm") for n in names)
+    return is_scorer(path) or any(n.endswith("norm") for n in _path_names(path))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from sparsek_jax.nn.scoring import is_scorer_parameter
 from sparsek_train.checkpointing import CheckpointError, RunCheckpoints, parameter_name, resolve_checkpoint
 from sparsek_train.config import ConfigError
 
@@ -27,10 +28,6 @@ _ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num
 def is_pretrained_directory(path: str | Path) -> bool:
     path = Path(path)
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def _is_scorer(name: str) -> bool:
-    return "/scorer/" in f"/{name}/"
 
 
 def load_initial_weights(model, source: str | Path, *, key: str = "train.init_from", log=print) -> None:
@@ -75,13 +72,13 @@ def _from_run(model, source, key: str, log) -> None:
         saved = checkpoints.model_metadata(step)
         for name, value in ours.items():
             if name not in saved:
-                if not _is_scorer(name):
+                if not is_scorer_parameter(name):
                     raise CheckpointError(f"{key}: model parameter {name}: expected shape {tuple(value.shape)}, "
                                           f"missing from {directory} step {step}")
             elif tuple(saved[name].shape) != tuple(value.shape):
                 raise CheckpointError(f"{key}: model parameter {name}: expected shape {tuple(value.shape)}, the "
                                       f"checkpoint holds {tuple(saved[name].shape)}")
-        extra = sorted(n for n in saved if n not in ours and not _is_scorer(n))
+        extra = sorted(n for n in saved if n not in ours and not is_scorer_parameter(n))
         if extra:
             raise CheckpointError(f"{key}: checkpoint parameter {extra[0]} (shape {tuple(saved[extra[0]].shape)}) "
                                   f"has no place in the model ({len(extra)} such parameters; was it made with "

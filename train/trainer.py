@@ -69,8 +69,11 @@ def make_train_step(accumulate: int, *, teacher: bool = False):
             loss, distill = loss / accumulate, distill / accumulate
             grads = jax.tree.map(lambda g: g / accumulate, grads)
         grad_norm = optax.tree.norm(grads)
+        # Whether the scorers learn at all: a key outside every query's top-k sends them no gradient.
+        scorer_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if app.is_scorer(path)]
         optimizer.update(model, grads)  # applies nothing unless the gradients are finite (optimizer_transform)
         return {"loss": loss, "distill_loss": distill, "grad_norm": grad_norm,
+                "scorer_grad_norm": optax.tree.norm(scorer_grads) if scorer_grads else None,
                 "finite": jnp.isfinite(loss) & jnp.isfinite(distill) & jnp.isfinite(grad_norm)}
 
     return train_step
@@ -258,6 +261,8 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
                                     if peak else None)}
                     if teacher:
                         last["distill_loss"] = float(out["distill_loss"])
+                    if out["scorer_grad_norm"] is not None:
+                        last["scorer_grad_norm"] = float(out["scorer_grad_norm"])
                     if skipped:
                         last["skipped_steps"] = skipped
                     metrics.write(last)

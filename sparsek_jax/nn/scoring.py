@@ -9,6 +9,13 @@ from flax import nnx
 from sparsek_jax.nn.params import param
 
 
+def is_scorer_parameter(path) -> bool:
+    """Whether a parameter belongs to a scoring network (every layer keeps its scorer under ``scorer``), by
+    its path: components (``("blocks", 0, "attention", "scorer", "w_score")``) or one ``/``-joined string."""
+    parts = path.split("/") if isinstance(path, str) else [str(p) for p in path]
+    return "scorer" in parts
+
+
 class ScoringNetwork(nnx.Module):
     """``u_j = x_j · w_score + ε j``.
 
