@@ -76,12 +76,16 @@ def test_train_checkpoint_resume_eval(corpus, tmp_path, data_dir):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records if "loss" in r)
     assert "eval_loss" in records[-1] and records[-1]["step"] == 3
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]  # the untrained model, evaluated first
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     assert load_config(run_dir / "config.yaml") == config  # the resolved config is saved with the run
     # Resume to step 5 from the newest checkpoint.
     more = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{"train.steps": 5}))
     assert train(more, log=lambda m: None, show_progress=False)["step"] == 5
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+    evaluations = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                   if "eval_loss" in json.loads(line)]
+    assert evaluations == [0, 3, 5]  # a resumed run does not evaluate its start again
     # Evaluate the checkpoint: JSON by position bucket, beyond the training context.
     result = subprocess.run([sys.executable, "-m", "sparsek_train.evaluate", str(ROOT / "configs/demo.yaml"),
                              *run_overrides(corpus, data_dir, run_dir), f"checkpoint={run_dir}",

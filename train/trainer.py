@@ -229,7 +229,7 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
 
         with activate(session.mesh):
             load_initial_weights(session.model, t.init_from, log=log)
-    metrics.keep_until(step)
+    metrics.keep_until(step if restored is not None else -1)  # a fresh run keeps nothing of an earlier try
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step, peak = _describe(session, examples, log), peak_flops()
     schedule = app.learning_rate_schedule(config)
@@ -242,6 +242,8 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
     last, final, last_saved = {}, None, latest
     try:
         with activate(session.mesh):
+            if restored is None and t.eval_every:  # where training starts from: the untrained model
+                evaluation(0)
             while step < t.steps and stop.signal is None:
                 batch = data.global_batch(next(iterator), session.batch_sharding)
                 teacher = step < t.scorer_distill_steps  # compiled only if used
