@@ -8,11 +8,15 @@ PYTHON312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'imp
 
 .PHONY: demo tour retrofit test venv clean
 
+# jax_triton imports only where jax's CUDA plugin is installed; lowering for CUDA without a GPU needs just its
+# Python module (not its runtime), kept apart so that plain `import jax` does not look for a GPU
+# (tests/test_triton.py puts it on the path of the process that lowers).
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (put python3.12 on PATH or set PYTHON312=/path/to/python3.12)" >&2; exit 1; fi
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps --target $(VENV)/jax-cuda-plugin jax-cuda12-plugin==0.11.2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -6,12 +6,14 @@ import dataclasses
 
 __all__ = ["BlockSizes"]
 
-# Per implementation: (block_q, block_k, blocks_per_group, threshold_chunk, num_warps, num_stages). The GPU
-# values come from the tuning runs in docs/kernels.md; TPU blocks are 128 lanes wide.
+# Per implementation: (block_q, block_k, blocks_per_group, threshold_chunk, num_warps, num_stages, tile_rows,
+# backward_block_k). The Pallas GPU values come from the tuning runs in docs/kernels.md; TPU blocks are 128 lanes
+# wide; the Triton values follow the cost model and the register counts in docs/kernels.md.
 _DEFAULTS = {
-    "xla": (64, None, None, 256, None, None),
-    "pallas_gpu": (64, 32, 16, 256, 4, 2),
-    "pallas_tpu": (64, 128, 16, 256, None, None),
+    "xla": (64, None, None, 256, None, None, None, None),
+    "pallas_gpu": (64, 32, 16, 256, 4, 2, None, None),
+    "pallas_tpu": (64, 128, 16, 256, None, None, None, None),
+    "triton": (64, 64, None, 256, 8, 3, None, 32),
 }
 
 
@@ -21,11 +23,18 @@ class BlockSizes:
     (``BlockSizes.default(implementation)``); fields an implementation does not use are ignored.
 
     block_q: queries per tile; every query block shares one gathered tile of keys and one anchor list.
-    block_k: keys per kernel step (Pallas GPU: a power of two; Pallas TPU: a multiple of 8, 128 on hardware).
+    block_k: keys per kernel step (Pallas GPU: a power of two; Pallas TPU: a multiple of 8, 128 on hardware;
+      Triton: keys per step of the forward, a power of two >= 16).
     blocks_per_group: query blocks per super-block of the kernels' key-major backward pass.
     threshold_chunk: keys per lane of the thresholds' event simulation; a multiple of ``block_q``
       (shortened for short sequences).
     num_warps, num_stages: Triton launch parameters of the GPU attention kernels.
+    tile_rows: Triton: query rows ((query, head) pairs of a KV group) per program, a power of two >= 16; also
+      the keys per program of the key-major backward. None: ``8192 // head_dim`` (head_dim rounded up to a
+      power of two), at most 128, so that a tile's float32 accumulator is 32 KiB.
+    backward_block_k: Triton: the backward's step, a power of two >= 16 and at most ``tile_rows`` (lowered to
+      it where ``tile_rows`` follows head_dim): keys per step of the query-major kernel, rows per step of the
+      key-major one.
     """
 
     block_q: int | None = None
@@ -34,6 +43,8 @@ class BlockSizes:
     threshold_chunk: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    tile_rows: int | None = None
+    backward_block_k: int | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -46,7 +57,7 @@ class BlockSizes:
 
     @classmethod
     def default(cls, implementation: str) -> "BlockSizes":
-        """The defaults of ``"xla"``, ``"pallas_gpu"`` or ``"pallas_tpu"``."""
+        """The defaults of ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"triton"``."""
         if implementation not in _DEFAULTS:
             raise ValueError(f"implementation: expected one of {', '.join(map(repr, _DEFAULTS))}, "
                              f"received {implementation!r}")
@@ -64,4 +75,12 @@ class BlockSizes:
         resolved = BlockSizes(**values)
         if implementation == "pallas_gpu" and resolved.block_k & (resolved.block_k - 1):
             raise ValueError(f"BlockSizes.block_k: expected a power of two for pallas_gpu, received {resolved.block_k}")
+        if implementation == "triton":
+            for name in ("block_k", "tile_rows", "backward_block_k"):
+                value = getattr(resolved, name)
+                if value is not None and (value < 16 or value & (value - 1)):
+                    raise ValueError(f"BlockSizes.{name}: expected a power of two >= 16 for triton, received {value}")
+            if resolved.tile_rows is not None and resolved.backward_block_k > resolved.tile_rows:
+                raise ValueError(f"BlockSizes.backward_block_k: expected at most tile_rows={resolved.tile_rows} for "
+                                 f"triton, received {resolved.backward_block_k}")
         return resolved

@@ -1,6 +1,7 @@
 """The blocked implementations behind one custom VJP: thresholds once, then the chosen backend's forward and
-backward (``"xla"``: ``sparsek_jax.xla_attention``; ``"pallas_gpu"`` / ``"pallas_tpu"``: the adapters in
-``sparsek_kernels.gpu`` / ``sparsek_kernels.tpu``), and the scores' gradient, which is the same for all.
+backward (``"xla"``: ``sparsek_jax.xla_attention``; ``"pallas_gpu"`` / ``"pallas_tpu"`` / ``"triton"``: the
+adapters in ``sparsek_kernels.gpu`` / ``.tpu`` / ``.triton_adapter``), and the scores' gradient, which is the
+same for all.
 
 Backward, with ``P`` the softmax and ``g`` the gates (docs/xla_attention.md derives it): the backends return
 ``dq``, ``dk``, ``dv``, the direct term ``sum_i [l in M_i] G_il`` per key and, per query, ``sum_j G_ij`` over
@@ -67,6 +68,12 @@ def _backend(cfg: _Config) -> _Backend:
         return _Backend(gpu.attention_forward, gpu.attention_backward, gpu.Options(
             cfg.window, cfg.gate, cfg.scale, b.block_q, b.block_k, b.blocks_per_group, b.num_warps, b.num_stages,
             cfg.interpret))
+    if cfg.implementation == "triton":
+        from sparsek_kernels import triton_adapter
+
+        return _Backend(triton_adapter.attention_forward, triton_adapter.attention_backward, triton_adapter.Options(
+            cfg.window, cfg.gate, cfg.scale, b.block_q, b.tile_rows, b.block_k, b.backward_block_k, b.num_warps,
+            b.num_stages, cfg.interpret))
     if cfg.implementation == "pallas_tpu":
         from sparsek_kernels import tpu
 
@@ -84,13 +91,21 @@ def _materialized_scores(scores):
     return lax.optimization_barrier(lax.stop_gradient(scores.astype(jnp.float32)))
 
 
+def _threshold_implementation(cfg: _Config) -> str:
+    """The GPU paths compute thresholds with the Pallas kernels. Interpreting the Triton attention kernels, the
+    XLA twin (bit for bit the same thresholds) keeps the interpreter to the attention."""
+    if cfg.implementation == "pallas_gpu" or (cfg.implementation == "triton" and not cfg.interpret):
+        return "pallas_gpu"
+    return "xla"
+
+
 def _thresholds(scores, segments, cfg: _Config) -> BlockedThresholds | None:
     if cfg.topk == 0:  # plain sliding window: nothing to select
         return None
     with jax.named_scope("thresholds"):
         return blocked_thresholds(scores, segments, topk=cfg.topk, window=cfg.window, buffer_size=cfg.buffer_size,
                                   block_size=cfg.blocks.block_q, scan_block=cfg.blocks.threshold_chunk,
-                                  implementation="pallas_gpu" if cfg.implementation == "pallas_gpu" else "xla",
+                                  implementation=_threshold_implementation(cfg),
                                   interpret=cfg.interpret)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 GATES = ("value", "logit", "none")
-IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu", "auto")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu", "triton", "auto")
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
@@ -167,8 +167,8 @@ def check_scale(scale) -> float:
 
 
 def check_backend(implementation: str, interpret: bool) -> None:
-    """The Pallas paths compile for their own backend only; elsewhere they need interpret mode."""
-    needs = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(implementation)
+    """The kernel paths compile for their own backend only; elsewhere they need interpret mode."""
+    needs = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "triton": "gpu"}.get(implementation)
     if needs and not interpret and jax.default_backend() != needs:
         raise ValueError(f"implementation: {implementation!r} needs a {needs.upper()} (the default backend is "
                          f"{jax.default_backend()!r}); pass interpret=True to run its kernels in interpret mode, "
