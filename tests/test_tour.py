@@ -4,7 +4,7 @@ from sparsek_train import tour
 
 
 def test_tour_writes_plot_and_report(tmp_path):
-    report = tour.run(tmp_path, seq=40, topk=4, window=4)
+    report = tour.run(tmp_path, seq=40, topk=4, window=4, long_seq=512)
     png = tmp_path / "selection_pattern.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "tour.json").read_text())

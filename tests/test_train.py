@@ -27,12 +27,41 @@ TINY_MODEL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "mo
               "model.buffer_size=16", "model.scan_layers=false", "model.remat=none", "model.dtype=float32"]
 
 
+def tiny_model_config(path):
+    return load_config(path, TINY_MODEL + ["model.implementation=xla"]).model_config(vocab_size=97)
+
+
+STRUCTURE = ("layer_kinds", "gate", "tie_embeddings", "scale_embeddings", "qkv_bias", "out_bias", "rope_scaling",
+             "param_dtype", "dense_implementation")
+
+
+def distinct_tiny_models():
+    """The shipped configs' models shrunk to TINY_MODEL, one per distinct structure (the fields that decide
+    what is built and run; most configs share one)."""
+    models = {}
+    for path in CONFIGS:
+        try:
+            config = tiny_model_config(path)
+        except ConfigError:
+            continue  # test_every_config_loads names it
+        key = tuple(getattr(config, name) for name in STRUCTURE)
+        models.setdefault(key, (config, []))[1].append(str(path.relative_to(ROOT / "configs")))
+    return list(models.values())
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
-def test_every_config_builds_a_tiny_model(path):
-    config = load_config(path, TINY_MODEL + ["model.implementation=xla"])
-    model = TransformerLM(config.model_config(vocab_size=97), rngs=nnx.Rngs(0))
+def test_every_config_loads(path):
+    assert tiny_model_config(path).num_layers == 2
+
+
+TINY_MODELS = distinct_tiny_models()
+
+
+@pytest.mark.parametrize("model_config, paths", TINY_MODELS, ids=[f"{p[0]}+{len(p) - 1}" for _, p in TINY_MODELS])
+def test_every_configs_model_builds_and_runs(model_config, paths):
+    model = TransformerLM(model_config, rngs=nnx.Rngs(0))
     logits = nnx.jit(lambda m, t: m(t))(model, jnp.zeros((1, 16), jnp.int32))
-    assert logits.shape == (1, 16, 97) and bool(jnp.isfinite(logits).all())
+    assert logits.shape == (1, 16, 97) and bool(jnp.isfinite(logits).all()), paths
 
 
 @pytest.fixture(scope="module")
