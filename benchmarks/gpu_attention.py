@@ -4,13 +4,16 @@
     python -m benchmarks.gpu_attention --quick    # a few cases
     python -m benchmarks.gpu_attention --replot   # table and plot again from the saved JSON
     python -m benchmarks.gpu_attention --implementation pallas_tpu   # on a TPU: XLA attention as baseline
+    python -m benchmarks.gpu_attention --implementation triton       # the Triton kernels and the Pallas ones
 
 bf16, causal, batch x seq = 65,536 tokens per call, median of 10 after warm-up. Everything is included for
 SparseK: scores -> thresholds -> attention (forward), and the backward to q, k, v and the scores.
-The sliding-window baseline attends to the same number of keys per query (``topk + window``).
+The sliding-window baseline attends to the same number of keys per query (``topk + window``). With
+``--implementation triton`` the Pallas GPU kernels it replaces run in the same process too (``pallas_*`` columns).
 Effective TFLOP/s counts 4 * heads * head_dim * (keys attended) per query (x 3.5 for forward+backward, the
 FlashAttention convention) so that dense and sparse numbers compare as work actually done.
-Writes benchmarks/results/<backend>_attention.json and docs/images/<backend>_attention.png.
+Writes benchmarks/results/<backend>_attention.json and docs/images/<backend>_attention.png (with
+``--implementation triton``: <backend>_attention_triton).
 """
 
 from __future__ import annotations
@@ -56,16 +59,16 @@ def make_inputs(seq, q_heads, kv_heads, head_dim, seed=0, tokens=None):
 
 
 def attention_fns(kind, *, topk, window, implementation):
-    if kind == "sparsek":
-        f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=topk, window=window,
-                                                    implementation=implementation)
+    if kind in ("sparsek", "pallas"):
+        impl = implementation if kind == "sparsek" else "pallas_gpu"
+        f = lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, topk=topk, window=window, implementation=impl)
     elif kind == "dense":
         f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=BASELINE)
     else:
         f = lambda q, k, v, u: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=BASELINE,
                                                             local_window_size=(topk + window - 1, 0))
     forward = jax.jit(f)
-    argnums = (0, 1, 2, 3) if kind == "sparsek" else (0, 1, 2)
+    argnums = (0, 1, 2, 3) if kind in ("sparsek", "pallas") else (0, 1, 2)
     both = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=argnums))
     return forward, both
 
@@ -81,7 +84,8 @@ def run_case(seq, q_heads, kv_heads, head_dim, topk, window, implementation, rep
     q, k, v, u = make_inputs(seq, q_heads, kv_heads, head_dim)
     row = {"seq": seq, "batch": q.shape[0], "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
            "topk": topk, "window": window}
-    for kind in ("sparsek", "dense", "sliding"):
+    kinds = ("sparsek", "pallas", "dense", "sliding") if implementation == "triton" else ("sparsek", "dense", "sliding")
+    for kind in kinds:
         forward, both = attention_fns(kind, topk=topk, window=window, implementation=implementation)
         try:
             row[f"{kind}_fwd_ms"] = time_ms(forward, q, k, v, u, repeats=repeats)
@@ -100,6 +104,8 @@ def run_case(seq, q_heads, kv_heads, head_dim, topk, window, implementation, rep
                 row[f"speedup_vs_dense_{mode}"] = row[f"dense_{mode}_ms"] / ours
             if row.get(f"sliding_{mode}_ms"):
                 row[f"ratio_vs_sliding_{mode}"] = ours / row[f"sliding_{mode}_ms"]
+            if row.get(f"pallas_{mode}_ms"):
+                row[f"speedup_vs_pallas_{mode}"] = row[f"pallas_{mode}_ms"] / ours
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return row
 
@@ -114,10 +120,12 @@ def plot(rows, path: Path, device: str, baseline: str):
             and r["head_dim"] == 64]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
-        for kind, marker in (("sparsek", "o"), ("dense", "s"), ("sliding", "^")):
+        for kind, marker in (("sparsek", "o"), ("pallas", "D"), ("dense", "s"), ("sliding", "^")):
             pts = [r for r in main if r.get(f"{kind}_{mode}_ms")]
-            label = {"sparsek": "SparseK (k=1024, w=1024)", "dense": f"{baseline} dense causal",
-                     "sliding": f"{baseline} sliding window 2048"}[kind]
+            if not pts:
+                continue
+            label = {"sparsek": "SparseK (k=1024, w=1024)", "pallas": "SparseK, Pallas GPU kernels",
+                     "dense": f"{baseline} dense causal", "sliding": f"{baseline} sliding window 2048"}[kind]
             ax.plot([r["seq"] for r in pts], [r[f"{kind}_{mode}_ms"] for r in pts], marker=marker, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -145,7 +153,8 @@ def main(argv=None):
               (65536, 12, 12, 64, 2048, 2048), (4096, 12, 12, 64, 1024, 1024)]
     if args.quick:
         cases = cases[:2]
-    name, device, baseline = NAME, jax.devices()[0].device_kind, BASELINE
+    name = NAME + ("_triton" if args.implementation == "triton" else "")
+    device, baseline = jax.devices()[0].device_kind, BASELINE
     if args.replot:
         name = args.replot
         saved = json.loads((reporting.RESULTS_DIR / f"{name}.json").read_text())
@@ -158,7 +167,7 @@ def main(argv=None):
         rows = []
         for case in cases:
             rows.append(run_case(*case, args.implementation, args.repeats))
-            reporting.write_json(NAME, config, rows)  # after every case: partial runs count
+            reporting.write_json(name, config, rows)  # after every case: partial runs count
     reporting.publish(name, config, rows, plot=lambda rows, path: plot(rows, path, device, baseline), write=not args.replot,
                       columns=[
         ("seq", "seq", "d"), ("q_heads", "q heads", "d"), ("kv_heads", "kv heads", "d"), ("head_dim", "d", "d"),
@@ -167,7 +176,10 @@ def main(argv=None):
         ("sliding_fwd_ms", "sliding fwd ms", ".2f"), ("speedup_vs_dense_fwd", "fwd speedup vs dense", ".2f"),
         ("sparsek_fwdbwd_ms", "SparseK f+b ms", ".2f"), ("dense_fwdbwd_ms", "dense f+b ms", ".2f"),
         ("sliding_fwdbwd_ms", "sliding f+b ms", ".2f"), ("speedup_vs_dense_fwdbwd", "f+b speedup vs dense", ".2f"),
-        ("ratio_vs_sliding_fwdbwd", "f+b / sliding", ".2f"), ("sparsek_fwd_tflops", "SparseK fwd TFLOP/s", ".0f")])
+        ("ratio_vs_sliding_fwdbwd", "f+b / sliding", ".2f"), ("sparsek_fwd_tflops", "SparseK fwd TFLOP/s", ".0f"),
+        *([("pallas_fwd_ms", "Pallas fwd ms", ".2f"), ("pallas_fwdbwd_ms", "Pallas f+b ms", ".2f"),
+           ("speedup_vs_pallas_fwdbwd", "f+b speedup vs Pallas", ".2f")] if any("pallas_fwd_ms" in r for r in rows)
+          else [])])
 
 
 if __name__ == "__main__":

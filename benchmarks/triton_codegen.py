@@ -1,13 +1,14 @@
 """What the Triton attention kernels compile to for the H200 (sm_90a), on any machine: no GPU needed.
 
-    python -m benchmarks.triton_codegen               # the 64k benchmark's shapes, 12:12 and 12:4
+    python -m benchmarks.triton_codegen                   # the 64k benchmark's shapes, 12:12 and 12:4
+    python -m benchmarks.triton_codegen --head-dim 128    # its head_dim 128 case (64-row tiles)
 
 Each kernel is compiled with ``triton.compile`` for a CUDA 9.0 target at the shapes of a problem (the
 constexprs the launchers pass; pointers 16-byte aligned, as jax-triton declares them). The cubin is
-disassembled with the ``nvdisasm`` that ships with Triton and the PTX assembled again with its ``ptxas -v``:
-per kernel, the number of wgmma instructions (``HGMMA``), registers, spilled bytes, local-memory accesses
-(``LDL``/``STL``), atomics (``REDG``/``ATOMG``) and shared memory. Writes
-benchmarks/results/triton_codegen.json.
+disassembled with the ``nvdisasm`` that ships with Triton and its resources read with ``cuobjdump``: per kernel,
+the number of wgmma instructions (``HGMMA``), registers, stack frame and local memory (spilled registers would
+live there), local-memory accesses (``LDL``/``STL``), atomics (``REDG``/``ATOMG``) and shared memory. Writes
+benchmarks/results/triton_codegen_d<head_dim>.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import triton
 import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
 
+import sparsek_jax as sk
+from sparsek_kernels import triton_adapter
 from sparsek_kernels import triton_attention as kernels
 
 _BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
@@ -66,25 +69,22 @@ def compile_kernel(name: str, constants: dict, launch: kernels.Launch, dtype: st
 
 
 def inspect(compiled) -> dict:
-    """Instruction counts of the SASS and ``ptxas -v``'s resources of a compiled kernel."""
+    """Instruction counts of the SASS and the resources of a compiled kernel (``cuobjdump``): registers, stack
+    frame and local memory (where spilled registers would go), shared memory."""
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
         sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
                               check=True).stdout
-        report = subprocess.run([os.path.join(_BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
-                                 os.path.join(tmp, "again.cubin")], capture_output=True, text=True, check=True).stderr
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
     ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|LDL|STL|REDG|ATOMG|MUFU\.EX2)\b", sass))
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
-    registers = re.search(r"Used (\d+) registers", report)
+    resources = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
     return {"hgmma": ops["HGMMA"], "hmma": ops["HMMA"], "local_memory_instructions": ops["LDL"] + ops["STL"],
-            "spill_bytes": sum(spills), "registers": int(registers.group(1)) if registers else None,
-            "atomics": ops["REDG"] + ops["ATOMG"], "exp2": ops["MUFU.EX2"],
-            "shared_bytes": compiled.metadata.shared, "ptx_target": "sm_90a" if ".target sm_90a" in
-            compiled.asm["ptx"] else None}
+            "registers": resources["REG"], "stack_bytes": resources["STACK"], "local_bytes": resources["LOCAL"],
+            "atomics": ops["REDG"] + ops["ATOMG"], "exp2": ops["MUFU.EX2"], "shared_bytes": compiled.metadata.shared,
+            "ptx_target": "sm_90a" if ".target sm_90a" in compiled.asm["ptx"] else None}
 
 
 def main(argv=None):
@@ -93,21 +93,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=65536)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--launch", default="128,64,32,8,3",
-                        help="rows,block_k,backward_block_k,num_warps,num_stages")
+    parser.add_argument("--launch", default=None, help="rows,block_k,backward_block_k,num_warps,num_stages "
+                                                          "(default: the defaults of sk.BlockSizes for triton)")
     args = parser.parse_args(argv)
-    launch = kernels.Launch(*(int(x) for x in args.launch.split(",")))
+    if args.launch:
+        launch = kernels.Launch(*(int(x) for x in args.launch.split(",")))
+    else:
+        defaults = sk.BlockSizes.default("triton")
+        launch = kernels.Launch(triton_adapter.tile_rows(args.head_dim), defaults.block_k, defaults.backward_block_k,
+                                defaults.num_warps, defaults.num_stages)
     rows = []
     for kv_heads in (12, 4):
         for gate in ("value", "logit", "none"):
             for name in _KERNELS:
                 constants = constexprs(name, seq=args.seq, q_heads=12, kv_heads=kv_heads, head_dim=args.head_dim,
                                        topk=1024, window=1024, gate=gate, launch=launch)
-                row = {"kernel": name, "heads": f"12:{kv_heads}", "gate": gate, "launch": args.launch,
+                row = {"kernel": name, "heads": f"12:{kv_heads}", "head_dim": args.head_dim, "gate": gate,
+                       "launch": ",".join(map(str, launch)),
                        **inspect(compile_kernel(name, constants, launch))}
                 print(row, flush=True)
                 rows.append(row)
-    reporting.write_json("triton_codegen", vars(args), rows)
+    reporting.publish(f"triton_codegen_d{args.head_dim}", vars(args), rows, columns=[
+        ("kernel", "kernel", "s"), ("heads", "heads", "s"), ("gate", "gate", "s"), ("launch", "launch", "s"),
+        ("hgmma", "HGMMA", "d"), ("hmma", "HMMA", "d"), ("registers", "registers", "d"),
+        ("stack_bytes", "stack bytes", "d"), ("local_memory_instructions", "LDL/STL", "d"),
+        ("atomics", "REDG", "d"), ("exp2", "MUFU.EX2", "d"), ("shared_bytes", "shared bytes", "d")])
 
 
 if __name__ == "__main__":

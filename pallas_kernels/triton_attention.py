@@ -14,10 +14,11 @@ disjoint and nothing is counted twice.
 Masks. Inside the band, a step of ``block_k`` keys that lies in the window of every row of the tile, in one
 document, needs no mask and no gate (*interior* steps: plain FlashAttention); the steps at the two edges of
 the band and the anchor steps rebuild the pattern per (row, key) from positions, documents, ``u``, ``tau``,
-``theta`` and ``theta_pos`` (``_pair_gates``: the rule of ``sparsek_kernels.common.pair_gates``). Softmax runs in
-base 2 (``exp2``) with the scale folded into the logits; the log-sum-exp is stored in natural log.
+``theta`` and ``theta_pos`` (``_pair_gates``: the rule of ``sparsek_kernels.common.pair_gates``). Softmax runs
+in base 2 (``exp2``) with the scale folded into the logits; the log-sum-exp is stored in natural log.
 
-Kernels (grid: tiles x (batch * kv_heads), or key blocks x (batch * kv_heads)):
+Kernels (one program per row tile, or per key block, of each (batch, KV head); launched in runs of consecutive
+tiles of each (batch, KV head) in turn, ``_program``):
 
 - ``forward``: one program per row tile; band steps then anchor steps, one online softmax over both; value
   gating multiplies the probabilities by the gates in the output accumulator only (the denominator is the
@@ -25,9 +26,10 @@ Kernels (grid: tiles x (batch * kv_heads), or key blocks x (batch * kv_heads)):
 - ``backward_queries``: one program per row tile, the same walk: ``dq`` and the per-row sum of gate
   gradients over fractional keys over band and anchors, ``D = dO . o`` of its rows; for the anchors also
   ``dk``, ``dv`` and the direct term of ``du``, added into float32 accumulators by atomics.
-- ``backward_keys``: one program per block of ``block_k`` keys, key-major over the band: it loops over the
-  row tiles whose band holds its keys, accumulates ``dk``, ``dv`` and ``du`` in registers, adds the anchors'
-  part left by ``backward_queries`` and writes each key's gradient once. No partial sums.
+- ``backward_keys``: one program per block of ``rows`` keys, key-major over the band: it loops over the rows
+  of the tiles whose band holds its keys (``backward_block_k`` rows per step), accumulates ``dk``, ``dv`` and
+  ``du`` in registers, adds the anchors' part left by ``backward_queries`` and writes each key's gradient
+  once. No partial sums.
 
 Every array is addressed in the library's layout (``[batch, seq, heads, head_dim]``, ``[batch, seq, heads]``,
 ``[batch, seq]``), so no layout copies surround the kernels. ``head_dim`` is padded to a power of two of at
@@ -52,6 +54,7 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _FLOOR = tl.constexpr(-1.0e30)  # the running maximum's start: finite, so exp2(-inf - floor) = 0, never NaN
 _TINY = tl.constexpr(1.1754943508222875e-38)  # float32 tiny: guards log2 of a zero gate
+_RUN = tl.constexpr(8)  # consecutive tiles per (batch, KV head) in the launch order (``_program``)
 
 
 class Launch(NamedTuple):
@@ -78,6 +81,18 @@ def _tile_span(t, SEQ: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, AN
     c = i_first // ANCHOR_BLOCK
     band_start = tl.maximum(c * ANCHOR_BLOCK - WINDOW + 1, 0)
     return i_first, i_last, c, band_start
+
+
+@triton.jit
+def _program(NUM_TILES: tl.constexpr, BATCH_HEADS: tl.constexpr):
+    """This program's (batch, KV head) row and tile. Programs run in runs of ``_RUN`` consecutive tiles per
+    (batch, KV head), every (batch, KV head) in turn: the tiles that run together share their keys in L2 (a
+    band of ``window`` keys serves several consecutive tiles) and spread the anchors' atomics over many rows."""
+    pid = tl.program_id(0)
+    run = pid // (_RUN * BATCH_HEADS)
+    tiles = tl.minimum(_RUN, NUM_TILES - run * _RUN)  # the last run may be shorter
+    within = pid - run * _RUN * BATCH_HEADS
+    return within // tiles, run * _RUN + within % tiles
 
 
 @triton.jit
@@ -191,7 +206,7 @@ def _score_gradients(p, dp, delta, gate, MASKED: tl.constexpr, GATE: tl.constexp
 
 
 @triton.jit
-def _band_steps(b, h, t, seg_ptr, SEQ: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+def _band_steps(b, t, seg_ptr, SEQ: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
                 ANCHOR_BLOCK: tl.constexpr, WINDOW: tl.constexpr, BLOCK_K: tl.constexpr):
     """The band of row tile ``t`` in steps of ``BLOCK_K`` keys from ``band_start``: steps ``[0, lo)`` and
     ``[hi, n)`` need the pattern, ``[lo, hi)`` lie in every row's window in one document (no mask)."""
@@ -231,14 +246,14 @@ def _forward_step(acc, m, l, q, i, seg_i, tau, theta, theta_pos, b, h, j, key_ok
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, u_ptr, seg_ptr, anchors_ptr, tau_ptr, theta_ptr, theta_pos_ptr,
-                    out_ptr, lse_ptr, SEQ: tl.constexpr, HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr,
+                    out_ptr, lse_ptr, BATCH: tl.constexpr, SEQ: tl.constexpr, HEADS_KV: tl.constexpr,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr,
                     ANCHOR_BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, NUM_ANCHORS: tl.constexpr,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr,
                     PRECISION: tl.constexpr):
-    t = tl.program_id(0)
-    b = tl.program_id(1) // HEADS_KV
-    h = tl.program_id(1) % HEADS_KV
+    bh, t = _program((SEQ * GROUP + ROWS - 1) // ROWS, BATCH * HEADS_KV)
+    b = bh // HEADS_KV
+    h = bh % HEADS_KV
     heads_q: tl.constexpr = HEADS_KV * GROUP
     i, head, ok = _row_positions(h, t, SEQ, GROUP, ROWS)
     seg_i, tau, theta, theta_pos = _row_selection(b, h, i, ok, seg_ptr, tau_ptr, theta_ptr, theta_pos_ptr, SEQ,
@@ -248,7 +263,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, u_ptr, seg_ptr, anchors_ptr, tau_ptr, t
     acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     m = tl.full((ROWS,), _FLOOR, tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
-    c, band_start, lo, hi, n = _band_steps(b, h, t, seg_ptr, SEQ, GROUP, ROWS, ANCHOR_BLOCK, WINDOW, BLOCK_K)
+    c, band_start, lo, hi, n = _band_steps(b, t, seg_ptr, SEQ, GROUP, ROWS, ANCHOR_BLOCK, WINDOW, BLOCK_K)
     offs = tl.arange(0, BLOCK_K)
     for step in range(0, lo):
         j = band_start + step * BLOCK_K + offs
@@ -289,7 +304,7 @@ def _backward_queries_step(dq, gsum, q, do, lse2, delta, i, seg_i, tau, theta, t
     k, v, u_j, seg_j = _keys(b, h, j, key_ok, k_ptr, v_ptr, u_ptr, seg_ptr, SEQ, HEADS_KV, HEAD_DIM, BLOCK_D,
                              MASKED)
     allowed, gate = _pair_gates(i[:, None], seg_i[:, None], tau[:, None], theta[:, None], theta_pos[:, None],
-                             j[None, :], u_j[None, :], seg_j[None, :], WINDOW, ANCHORS)
+                                j[None, :], u_j[None, :], seg_j[None, :], WINDOW, ANCHORS)
     p = tl.exp2(_logits(q, k, allowed, gate, qk_scale, MASKED, GATE, PRECISION) - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds, g = _score_gradients(p, dp, delta[:, None], gate, MASKED, GATE)
@@ -299,7 +314,7 @@ def _backward_queries_step(dq, gsum, q, do, lse2, delta, i, seg_i, tau, theta, t
     if ANCHORS:
         # An anchor list belongs to one anchor block, and many tiles share it: their key gradients meet in
         # float32 accumulators by atomics (backward_keys adds the band's part and writes each key once).
-        # Head dim x keys: the products have M = head_dim >= 64 for the matrix units whatever the step's keys.
+        # Head dim x keys: M is the head dim, not the step's keys, so the products stay on wgmma (M >= 64).
         if GATE == 0:
             p = p * gate
         dv_keys = tl.dot(tl.trans(do), p.to(do.dtype), input_precision=PRECISION)
@@ -317,14 +332,14 @@ def _backward_queries_step(dq, gsum, q, do, lse2, delta, i, seg_i, tau, theta, t
 @triton.jit
 def _backward_queries_kernel(q_ptr, k_ptr, v_ptr, u_ptr, seg_ptr, anchors_ptr, tau_ptr, theta_ptr, theta_pos_ptr,
                              out_ptr, do_ptr, lse_ptr, dq_ptr, gsum_ptr, delta_ptr, dk_ptr, dv_ptr, du_ptr,
-                             SEQ: tl.constexpr, HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
+                             BATCH: tl.constexpr, SEQ: tl.constexpr, HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr,
                              ANCHOR_BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, NUM_ANCHORS: tl.constexpr,
                              ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr,
                              PRECISION: tl.constexpr):
-    t = tl.program_id(0)
-    b = tl.program_id(1) // HEADS_KV
-    h = tl.program_id(1) % HEADS_KV
+    bh, t = _program((SEQ * GROUP + ROWS - 1) // ROWS, BATCH * HEADS_KV)
+    b = bh // HEADS_KV
+    h = bh % HEADS_KV
     heads_q: tl.constexpr = HEADS_KV * GROUP
     i, head, ok = _row_positions(h, t, SEQ, GROUP, ROWS)
     seg_i, tau, theta, theta_pos = _row_selection(b, h, i, ok, seg_ptr, tau_ptr, theta_ptr, theta_pos_ptr, SEQ,
@@ -339,7 +354,7 @@ def _backward_queries_kernel(q_ptr, k_ptr, v_ptr, u_ptr, seg_ptr, anchors_ptr, t
     qk_scale = SCALE * _LOG2E
     dq = tl.zeros((ROWS, BLOCK_D), tl.float32)
     gsum = tl.zeros((ROWS,), tl.float32)
-    c, band_start, lo, hi, n = _band_steps(b, h, t, seg_ptr, SEQ, GROUP, ROWS, ANCHOR_BLOCK, WINDOW, BLOCK_K)
+    c, band_start, lo, hi, n = _band_steps(b, t, seg_ptr, SEQ, GROUP, ROWS, ANCHOR_BLOCK, WINDOW, BLOCK_K)
     offs = tl.arange(0, BLOCK_K)
     for step in range(0, lo):
         j = band_start + step * BLOCK_K + offs
@@ -392,7 +407,7 @@ def _backward_keys_step(dk, dv, du, k, v, j, u_j, seg_j, b, h, step, q_ptr, do_p
         seg_i, tau, theta, theta_pos = _row_selection(b, h, i, ok, seg_ptr, tau_ptr, theta_ptr, theta_pos_ptr,
                                                       SEQ, HEADS_KV)
         allowed, gate = _pair_gates(i[None, :], seg_i[None, :], tau[None, :], theta[None, :], theta_pos[None, :],
-                                 j[:, None], u_j[:, None], seg_j[:, None], WINDOW, False)
+                                    j[:, None], u_j[:, None], seg_j[:, None], WINDOW, False)
         # Keys older than the tile's band are its anchors: backward_queries took them.
         _, _, _, band_start = _tile_span((step * STEP) // ROWS, SEQ, GROUP, ROWS, ANCHOR_BLOCK, WINDOW)
         allowed = allowed & (j >= band_start)[:, None]
@@ -412,14 +427,15 @@ def _backward_keys_step(dk, dv, du, k, v, j, u_j, seg_j, b, h, step, q_ptr, do_p
 
 @triton.jit
 def _backward_keys_kernel(q_ptr, k_ptr, v_ptr, u_ptr, seg_ptr, tau_ptr, theta_ptr, theta_pos_ptr, do_ptr, lse_ptr,
-                          delta_ptr, dk_in_ptr, dv_in_ptr, du_in_ptr, dk_ptr, dv_ptr, du_ptr, SEQ: tl.constexpr,
-                          HEADS_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          delta_ptr, dk_in_ptr, dv_in_ptr, du_in_ptr, dk_ptr, dv_ptr, du_ptr, BATCH: tl.constexpr,
+                          SEQ: tl.constexpr, HEADS_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_D: tl.constexpr, WINDOW: tl.constexpr, ANCHOR_BLOCK: tl.constexpr,
                           ROWS: tl.constexpr, KEYS: tl.constexpr, STEP: tl.constexpr, SCALE: tl.constexpr,
                           GATE: tl.constexpr, PRECISION: tl.constexpr):
-    j0 = tl.program_id(0) * KEYS
-    b = tl.program_id(1) // HEADS_KV
-    h = tl.program_id(1) % HEADS_KV
+    bh, key_block = _program((SEQ + KEYS - 1) // KEYS, BATCH * HEADS_KV)
+    j0 = key_block * KEYS
+    b = bh // HEADS_KV
+    h = bh % HEADS_KV
     num_steps: tl.constexpr = (SEQ * GROUP + STEP - 1) // STEP
     j = j0 + tl.arange(0, KEYS)
     key_ok = j < SEQ
@@ -489,13 +505,14 @@ def _sizes(q, k, *, window: int, anchor_block: int, scale: float, gate: str, lau
     """The constexprs every kernel takes."""
     batch, seq, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
-    return dict(SEQ=seq, HEADS_KV=heads_kv, GROUP=heads_q // heads_kv, HEAD_DIM=head_dim,
+    return dict(BATCH=batch, SEQ=seq, HEADS_KV=heads_kv, GROUP=heads_q // heads_kv, HEAD_DIM=head_dim,
                 BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), WINDOW=window, ANCHOR_BLOCK=anchor_block,
                 ROWS=launch.rows, SCALE=float(scale), GATE=GATES[gate],
                 PRECISION="ieee" if q.dtype == jnp.float32 else "tf32")
 
 
 def _num_tiles(q, k, launch: Launch) -> int:
+    """Row tiles per (batch, KV head)."""
     return -(-q.shape[1] * (q.shape[2] // k.shape[2]) // launch.rows)
 
 
@@ -515,18 +532,17 @@ def forward(q, k, v, u, segments, anchors, tau, theta, theta_pos, *, window: int
       q: ``[batch, seq, q_heads, head_dim]``; k, v: ``[batch, seq, kv_heads, head_dim]``, q's dtype.
       u: float32 scores ``[batch, seq, kv_heads]``; segments: int32 document run indices ``[batch, seq]``
         (non-decreasing along ``seq``).
-      anchors: int32 ``[batch, kv_heads, ceil(seq / anchor_block), num_anchors]`` (-1: empty slot; ``num_anchors``
-        may be 0); tau, theta: float32, theta_pos: int32, ``[batch, seq,
-        kv_heads]``.
+      anchors: int32 ``[batch, kv_heads, ceil(seq / anchor_block), num_anchors]`` (-1: empty slot;
+        ``num_anchors`` may be 0); tau, theta: float32, theta_pos: int32, ``[batch, seq, kv_heads]``.
 
     Returns:
       ``out [batch, seq, q_heads, head_dim]`` and ``lse [batch, seq, q_heads]``, float32 (0 for a query with
       no key).
     """
-    batch, seq, heads_q, head_dim = q.shape
+    batch = q.shape[0]
     sizes = _sizes(q, k, window=window, anchor_block=anchor_block, scale=scale, gate=gate, launch=launch)
     anchors, anchor_sizes = _anchor_args(anchors)
-    return _launch(_forward_kernel, (_num_tiles(q, k, launch), batch * k.shape[2]),
+    return _launch(_forward_kernel, (_num_tiles(q, k, launch) * batch * k.shape[2],),
                    (q, k, v, u, segments, anchors, tau, theta, theta_pos),
                    (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)),
                    name="sparsek_triton_forward", launch=launch, interpret=interpret, BLOCK_K=launch.block_k,
@@ -542,11 +558,11 @@ def backward_queries(q, k, v, u, segments, anchors, tau, theta, theta_pos, out, 
     gradients over fractional keys and ``delta = dO . o``; the anchors' parts of ``dk``, ``dv`` (k's shape)
     and of the direct term of ``du`` (``[batch, seq, kv_heads]``).
     """
-    batch, seq, heads_q, head_dim = q.shape
+    batch = q.shape[0]
     sizes = _sizes(q, k, window=window, anchor_block=anchor_block, scale=scale, gate=gate, launch=launch)
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     anchors, anchor_sizes = _anchor_args(anchors)
-    return _launch(_backward_queries_kernel, (_num_tiles(q, k, launch), batch * k.shape[2]),
+    return _launch(_backward_queries_kernel, (_num_tiles(q, k, launch) * batch * k.shape[2],),
                    (q, k, v, u, segments, anchors, tau, theta, theta_pos, out, d_out, lse),
                    (f32(q.shape), f32(q.shape[:3]), f32(q.shape[:3]), f32(k.shape), f32(k.shape), f32(k.shape[:3])),
                    name="sparsek_triton_backward_queries", launch=launch, interpret=interpret,
@@ -561,11 +577,11 @@ def backward_keys(q, k, v, u, segments, tau, theta, theta_pos, d_out, lse, delta
     written in place of the anchors' arrays."""
     batch, seq = q.shape[:2]
     sizes = _sizes(q, k, window=window, anchor_block=anchor_block, scale=scale, gate=gate, launch=launch)
-    return _launch(_backward_keys_kernel, (-(-seq // launch.rows), batch * k.shape[2]),
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    return _launch(_backward_keys_kernel, (-(-seq // launch.rows) * batch * k.shape[2],),
                    (q, k, v, u, segments, tau, theta, theta_pos, d_out, lse, delta, dk_anchors, dv_anchors,
                     du_anchors),
-                   (jax.ShapeDtypeStruct(k.shape, jnp.float32),) * 2 + (jax.ShapeDtypeStruct(k.shape[:3],
-                                                                                             jnp.float32),),
+                   (f32(k.shape), f32(k.shape), f32(k.shape[:3])),
                    name="sparsek_triton_backward_keys", launch=launch, interpret=interpret,
                    input_output_aliases={11: 0, 12: 1, 13: 2}, KEYS=launch.rows, STEP=launch.backward_block_k,
                    **sizes)

@@ -51,11 +51,15 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
       implementation: ``"auto"`` (the default: ``pallas_gpu`` on GPUs, ``pallas_tpu`` on TPUs, ``xla``
         elsewhere), ``"xla"`` (blocked and gathered, O(seq (topk + block_q + window)) memory and time,
         forward and backward, any backend), ``"pallas_gpu"`` / ``"pallas_tpu"`` (the fused Pallas kernels,
-        forward and backward; docs/kernels.md) or ``"reference"`` (the dense O(seq^2) oracle of the tests).
+        forward and backward; docs/kernels.md), ``"triton"`` (Triton kernels through jax-triton, forward and
+        backward, on GPUs: the ``triton`` extra; docs/kernels.md) or ``"reference"`` (the dense O(seq^2)
+        oracle of the tests).
       block_sizes: ``BlockSizes`` of the blocked paths (default: the implementation's).
       buffer_size: top scores kept by the thresholds (default ``default_buffer_size``); ``tau`` is exact while
         no key above it is dropped (see ``prefix_thresholds``).
-      interpret: run the Pallas kernels in interpret mode (any backend; TPU kernels in the TPU interpreter).
+      interpret: run the Pallas kernels in interpret mode (any backend; TPU kernels in the TPU interpreter),
+        or the Triton kernels in Triton's interpreter (in a process that set ``TRITON_INTERPRET=1`` before
+        importing triton).
       mesh_axes: ``MeshAxes`` the inputs are split over; inside ``jax.set_mesh`` the blocked paths then run
         per shard (``shard_map``), so no device gathers another's batch rows or heads.
 

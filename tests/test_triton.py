@@ -39,17 +39,19 @@ def _run(args, extra_env, timeout):
 
 @pytest.mark.parametrize("cases", [("0", "1", "2", "3"), ("4", "5", "6"), ("end_to_end",)])
 def test_interpreter_matches_xla_path(cases):
-    # Output, dq, dk, dv and dscores on the Pallas GPU kernels' cases and a few of the Triton kernels' own; the
-    # end-to-end case runs the public function under jit and vjp, split over a 2 x 2 mesh of CPU devices.
+    # Output, dq, dk, dv and dscores against the XLA path on the Pallas GPU kernels' cases and one of the Triton
+    # kernels' own; the end-to-end case runs the public function under jit and vjp, split over a 2 x 2 mesh of
+    # CPU devices, against the dense reference.
     result = _run([str(HERE / "triton_interpreter_cases.py"), *cases],
                   {"TRITON_INTERPRET": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, 900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
-# (kernel, gate, kv_heads of 12 query heads, head_dim): the benchmark's case, then the most registers (logit
-# gating, 3 query heads per KV head: rows cut through queries) and head_dim 128 (64-row tiles).
-CODEGEN = [(kernel, gate, kv_heads, head_dim) for kernel in ("forward", "backward_queries", "backward_keys")
-           for gate, kv_heads, head_dim in (("value", 12, 64), ("logit", 4, 64), ("value", 4, 128))]
+# (kernel, gate, kv_heads of 12 query heads, head_dim): per kernel the benchmark's case, then the most registers
+# at head_dim 64 (128-row tiles) and at head_dim 128 (64-row tiles; python -m benchmarks.triton_codegen lists all).
+CODEGEN = [(kernel, "value", 12, 64) for kernel in ("forward", "backward_queries", "backward_keys")] + [
+    ("forward", "logit", 4, 64), ("backward_queries", "logit", 12, 64), ("backward_keys", "value", 4, 64),
+    ("forward", "logit", 4, 128), ("backward_queries", "value", 4, 128), ("backward_keys", "logit", 12, 128)]
 
 
 @pytest.mark.parametrize("kernel, gate, kv_heads, head_dim", CODEGEN)
@@ -69,7 +71,7 @@ def test_kernels_compile_for_hopper(kernel, gate, kv_heads, head_dim):
     report = triton_codegen.inspect(triton_codegen.compile_kernel(kernel, constants, launch))
     assert report["ptx_target"] == "sm_90a", report
     assert report["hgmma"] > 0 and report["hmma"] == 0, report
-    assert report["spill_bytes"] == 0 and report["local_memory_instructions"] == 0, report
+    assert report["stack_bytes"] == report["local_bytes"] == report["local_memory_instructions"] == 0, report
     assert report["shared_bytes"] <= 227 * 1024, report
     assert (report["atomics"] > 0) == (kernel == "backward_queries"), report
 

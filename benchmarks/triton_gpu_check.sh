@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The Triton attention kernels on the H200: bf16 tests against the XLA path, launch variants with a per-kernel
+# profile, and the attention benchmark (Triton, Pallas GPU, cuDNN dense and sliding window in one process).
+#
+# The GPU machine has jax 0.11.2 and triton 3.6.0 but no jax-triton and no network: carry the wheel, fetched here
+# with `pip download jax-triton==0.3.1 --no-deps -d .whl` (.whl/ is ignored by git), then from the repository root
+#
+#     bash benchmarks/triton_gpu_check.sh [tests|tuning|benchmark|all]     # default: all
+#
+# Stages, to run as separate commands where one command's time is limited: tests (about 2-4 minutes: compiles),
+# tuning (about 5 minutes), benchmark (15 minutes or more for all cases; results are written after every case).
+# Everything goes to $OUT (default ./triton_gpu_check): logs, JSON and the plot, at most 8 files.
+set -uo pipefail
+stage="${1:-all}"
+OUT="${OUT:-$PWD/triton_gpu_check}"
+mkdir -p "$OUT"
+site=/tmp/sparsek-site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+  .whl/jax_triton-0.3.1-*.whl || { echo "jax-triton wheel missing in .whl/" >&2; exit 1; }
+# The package's own import names without installing it: sparsek_kernels is pallas_kernels/, sparsek_train train/.
+mkdir -p "$site/names"
+ln -sfn "$PWD/pallas_kernels" "$site/names/sparsek_kernels"
+ln -sfn "$PWD/train" "$site/names/sparsek_train"
+export PYTHONPATH="$site:$site/names:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+python3 -c 'import jax, triton, jax_triton, numpy; print("jax", jax.__version__, "triton", triton.__version__,
+"jax_triton", jax_triton.__version__, "numpy", numpy.__version__, jax.devices())' 2>&1 | tee "$OUT/versions.txt"
+status=0
+if [[ "$stage" == tests || "$stage" == all ]]; then
+  python3 -m pytest -m gpu tests/test_triton.py -v -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" || status=1
+fi
+if [[ "$stage" == tuning || "$stage" == all ]]; then
+  python3 -m benchmarks.triton_tuning --profile 128,64,32,8,3 2>&1 | tee "$OUT/tuning.log" || status=1
+  cp benchmarks/results/triton_tuning.json "$OUT/" 2>/dev/null
+fi
+if [[ "$stage" == benchmark || "$stage" == all ]]; then
+  python3 -m benchmarks.gpu_attention --implementation triton --repeats 5 2>&1 | tee "$OUT/gpu_attention.log" \
+    || status=1
+  cp benchmarks/results/gpu_attention_triton.json docs/images/gpu_attention_triton.png "$OUT/" 2>/dev/null
+fi
+exit $status
