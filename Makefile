@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps --target $(VENV)/jax-cuda-plugin jax-cuda12-plugin==0.11.2
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/jax-cuda-plugin jax-cuda12-plugin==0.11.2
 	touch $@
 
 venv: $(VENV)/.installed
