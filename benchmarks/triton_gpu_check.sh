@@ -7,8 +7,9 @@
 #
 #     bash benchmarks/triton_gpu_check.sh [tests|tuning|benchmark|all]     # default: all
 #
-# Stages, to run as separate commands where one command's time is limited: tests (about 2-4 minutes: compiles),
-# tuning (about 5 minutes), benchmark (15 minutes or more for all cases; results are written after every case).
+# Stages, to run as separate commands where one command's time is limited: tests (a few minutes: compiles), tuning
+# (three variants at 12:12 and 12:4, then the per-kernel profile: about 5 minutes), benchmark (over 10 minutes for
+# all cases; the most telling run first and the JSON is written after every case, so a run cut short still counts).
 # Everything goes to $OUT (default ./triton_gpu_check): logs, JSON and the plot, at most 8 files.
 set -uo pipefail
 stage="${1:-all}"

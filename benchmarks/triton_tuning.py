@@ -39,8 +39,7 @@ def forward_backward(f):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=65536)
-    parser.add_argument("--variants", nargs="+", default=["128,64,32,8,3", "64,64,32,8,3", "128,64,32,8,4",
-                                                         "128,32,32,8,3", "128,64,16,8,3"])
+    parser.add_argument("--variants", nargs="+", default=["128,64,32,8,3", "64,64,32,8,3", "128,64,32,8,4"])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[12, 4])
     parser.add_argument("--topk", type=int, default=1024)
     parser.add_argument("--window", type=int, default=1024)
