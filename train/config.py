@@ -75,6 +75,19 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Where a process of a multi-process run (``train.distributed``) finds the others. Leave the first three
+    unset on SLURM, Open MPI, Kubernetes or Cloud TPU (JAX detects them) or set them through JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID (sparsek-launch does)."""
+
+    coordinator_address: str | None = None   # host:port of process 0's coordinator
+    num_processes: int | None = None
+    process_id: int | None = None
+    heartbeat_timeout_s: int = 30            # a process silent this long is dead: the others stop
+    initialization_timeout_s: int = 300      # how long the processes wait for each other at the start
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/run"
     steps: int = 1000
@@ -102,7 +115,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     tensorboard: bool = False
-    distributed: bool = False              # call jax.distributed.initialize() (multi-host)
+    distributed: bool = False              # join jax.distributed (several processes or hosts; train.cluster)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
@@ -144,6 +158,8 @@ _RANGES = (
     ("train.scorers_only_steps", (0, True), None),
     ("train.scorer_learning_rate_scale", (0.0, False), None),
     ("train.scorer_distill_steps", (0, True), None),
+    ("train.cluster.heartbeat_timeout_s", _POSITIVE, None),
+    ("train.cluster.initialization_timeout_s", _POSITIVE, None),
     ("eval.batch_size", _POSITIVE, None),
     ("eval.examples", _POSITIVE, None),
 )
@@ -177,8 +193,10 @@ class RunConfig:
     def __post_init__(self):
         self.model_config(vocab_size=self.model.vocab_size or 1)  # validates the model section at load time
         for key, low, high in _RANGES:
-            section, name = key.split(".")
-            _check_range(key, getattr(getattr(self, section), name), low, high)
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            _check_range(key, value, low, high)
         if self.train.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.on_nonfinite: expected 'stop' or 'skip', received {self.train.on_nonfinite!r}")
         if self.data.batch_size % self.train.accumulate:

@@ -13,7 +13,6 @@ import math
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -21,7 +20,7 @@ from flax import nnx
 
 from sparsek_jax import data
 from sparsek_jax.diagnostics import KEY_STATUS, key_status
-from sparsek_train import tasks
+from sparsek_train import distributed, tasks
 from sparsek_train.sharding import activate
 
 
@@ -153,7 +152,9 @@ def evaluate(model, examples, *, batch_size: int, bytes_per_token: float | None 
             break
         local = {k: v for k, v in local.items() if k not in ("doc", "window")}
         batch = data.global_batch(local, sharding) if sharding is not None else local
-        nll, correct, status = jax.device_get(step_fn(model, batch))
+        # Every process evaluates its share and tallies the whole batch (process 0 writes the results).
+        nll, correct, status = distributed.gather(step_fn(model, batch))
+        local = distributed.gather(local)
         mask = local["loss_mask"]
         np.add.at(sums, bucket_of, np.asarray(nll, np.float64).sum(0))
         np.add.at(counts, bucket_of, mask.sum(0))

@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-
 from sparsek_jax import data
 from sparsek_jax.data.passkey import MixedExamples, PasskeyExamples
 from sparsek_jax.data.recall import AssociativeRecall, RecallVocabulary
+from sparsek_train import distributed
 from sparsek_train.config import RECALL, RunConfig
 
 
@@ -22,10 +21,10 @@ def prepare(config: RunConfig, log=print) -> data.PreparedData:
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    quiet = jax.process_index() != 0
-    return data.prepare_data(dataset=d.dataset, data_dir=d.data_dir, source_path=d.source_path,
-                             text_key=d.text_key, tokenizer_path=d.tokenizer, vocab_size=d.vocab_size,
-                             log=(lambda message: None) if quiet else log)
+    quiet = not distributed.is_main()
+    return distributed.once_then_everyone(d.data_dir, lambda: data.prepare_data(
+        dataset=d.dataset, data_dir=d.data_dir, source_path=d.source_path, text_key=d.text_key,
+        tokenizer_path=d.tokenizer, vocab_size=d.vocab_size, log=(lambda message: None) if quiet else log))
 
 
 def training_examples(config: RunConfig, prepared: data.PreparedData):

@@ -10,6 +10,7 @@ uninterrupted run. Metrics go to RUN_DIR/metrics.jsonl (and TensorBoard if asked
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ import optax
 from flax import nnx
 
 from sparsek_jax import data
-from sparsek_train import app, run_dir, tasks
+from sparsek_train import app, distributed, run_dir, tasks
 from sparsek_train.checkpointing import CheckpointError, RunCheckpoints
 from sparsek_train.config import ConfigError, RunConfig, dump_config
 from sparsek_train.evaluate import evaluate, make_eval_step
@@ -116,17 +117,41 @@ class _NonFiniteWatch:
         return skipped
 
 
+def _check_replicas(session, step: int) -> None:
+    """Across processes, every copy of a parameter must hold the same values before they are saved."""
+    if jax.process_count() == 1:
+        return
+    mismatched = distributed.replica_mismatches(nnx.state(session.model, nnx.Param))
+    if mismatched:
+        raise CheckpointError(f"step {step}: the copies of parameter {mismatched[0]} differ between devices "
+                              f"({len(mismatched)} parameters differ); nothing was saved")
+
+
 class _StopRequest:
-    """Turns SIGTERM and Ctrl-C into a request to checkpoint and stop after the current step."""
+    """Turns SIGTERM and Ctrl-C into a request to checkpoint and stop after the current step.
+
+    With the distributed runtime, JAX's preemption service owns SIGTERM (Ctrl-C is passed on to it as SIGTERM):
+    it makes every process stop after the same step, whichever of them got the signal, so that they save one
+    consistent checkpoint instead of waiting for each other forever."""
 
     def __init__(self):
         self.signal = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.distributed = jax.distributed.is_initialized()
+        signals = (signal.SIGINT,) if self.distributed else (signal.SIGTERM, signal.SIGINT)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
+        if self.distributed:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def requested(self, step: int) -> bool:
+        """Whether to stop after ``step`` (every process calls this after every step)."""
+        if self.distributed:
+            return distributed.preemption_agreed(step)
+        return self.signal is not None
 
     def restore(self):
         for s, handler in self._previous.items():
@@ -179,11 +204,12 @@ def _describe(session, examples, log) -> float:
 def train(config: RunConfig, *, log=print, show_progress: bool = True) -> dict:
     """Runs (or resumes) training; returns a summary. Raises ``ConfigError`` / ``ValueError`` on bad input,
     ``NonFiniteError`` when the loss diverges and ``CheckpointError`` when a checkpoint cannot be written."""
-    if config.train.distributed:
-        jax.distributed.initialize()
-    is_main = jax.process_index() == 0
-    if not is_main:
-        return _train(config, Path(config.train.run_dir), log=log, show_progress=show_progress, is_main=False)
+    distributed.initialize(config)
+    distributed.check_same_config(config)
+    is_main = distributed.is_main()
+    if not is_main:  # process 0 speaks for the run
+        return _train(config, Path(config.train.run_dir), log=lambda message: None, show_progress=False,
+                      is_main=False)
     directory = run_dir.create(config.train.run_dir)
     with run_dir.locked(directory):
         return _train(config, directory, log=log, show_progress=show_progress, is_main=True)
@@ -239,18 +265,19 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
     watch = _NonFiniteWatch(t.on_nonfinite, t.max_skipped_steps)
     progress = Progress(t.steps, step, enabled=is_main and show_progress)
     interval_start, interval_steps = time.perf_counter(), 0
-    last, final, last_saved = {}, None, latest
+    last, final, last_saved, stopping = {}, None, latest, False
     try:
         with activate(session.mesh):
             if restored is None and t.eval_every:  # where training starts from: the untrained model
                 evaluation(0)
-            while step < t.steps and stop.signal is None:
+            while step < t.steps and not stopping:
                 batch = data.global_batch(next(iterator), session.batch_sharding)
                 teacher = step < t.scorer_distill_steps  # compiled only if used
                 out = train_steps[teacher](session.model, session.optimizer, batch)
                 step += 1
                 interval_steps += 1
                 watch.update(step, out)
+                stopping = stop.requested(step)
                 if step % t.log_every == 0 or step == t.steps:
                     skipped = watch.check(last_saved)  # waits for the step
                     loss = float(out["loss"])
@@ -272,12 +299,13 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
                     interval_start, interval_steps = time.perf_counter(), 0
                 if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                     evaluation(step)
-                if step % t.checkpoint_every == 0 or step == t.steps or stop.signal is not None:
+                if step % t.checkpoint_every == 0 or step == t.steps or stopping:
                     watch.check(last_saved)  # never save over the last good checkpoint
+                    _check_replicas(session, step)
                     checkpoints.save(step, session.model, session.optimizer, iterator.get_state(),
                                      {"step": step, "seed": t.seed}, force=True)
                     last_saved = step
-            interrupted = stop.signal is not None and step < t.steps
+            interrupted = stopping and step < t.steps
             if not interrupted:
                 final = evaluation(step)
     finally:
@@ -308,7 +336,8 @@ def main(argv=None) -> int:
     except (NonFiniteError, CheckpointError) as error:
         print(f"sparsek-train: {error}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in summary.items() if k in ("step", "interrupted", "run_dir")}))
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k in ("step", "interrupted", "run_dir")}))
     return 0
 
 
