@@ -89,20 +89,29 @@ class Session:
     step: int = 0
 
 
-def build_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Session:
+def build_session(config: RunConfig, *, with_optimizer: bool, pretrained: str | Path | None = None,
+                  key: str = "train.init_from", log=print) -> Session:
+    """The data, the mesh and the model (with its optimizer), created sharded; with ``pretrained`` (a Hugging
+    Face checkpoint directory, named by the config key ``key`` in errors) the model is built abstractly and
+    filled from it, never initialised first."""
     from sparsek_jax.nn import TransformerLM
+    from sparsek_train.initial_weights import pretrained_model
 
     prepared = tasks.prepare(config, log=log)
     model_config = config.model_config(prepared.tokenizer.vocab_size)
     mesh = make_mesh(config.train.mesh)
+    make_optimizer = lambda model: nnx.Optimizer(model, optimizer_transform(config), wrt=nnx.Param)
 
-    def build():
-        model = TransformerLM(model_config, rngs=nnx.Rngs(config.train.seed))
-        if not with_optimizer:
-            return model, None
-        return model, nnx.Optimizer(model, optimizer_transform(config), wrt=nnx.Param)
+    if pretrained is not None:
+        with activate(mesh):
+            model = pretrained_model(model_config, pretrained, mesh=mesh, seed=config.train.seed, key=key, log=log)
+        optimizer = create_sharded(mesh, make_optimizer, model) if with_optimizer else None
+    else:
+        def build():
+            model = TransformerLM(model_config, rngs=nnx.Rngs(config.train.seed))
+            return model, make_optimizer(model) if with_optimizer else None
 
-    model, optimizer = create_sharded(mesh, build)
+        model, optimizer = create_sharded(mesh, build)
     return Session(config, prepared, model_config, mesh, batch_sharding(mesh), model, optimizer,
                    Path(config.train.run_dir))
 
@@ -112,12 +121,14 @@ def load_session(config: RunConfig, *, with_optimizer: bool, log=print) -> Sessi
     may differ in its attention, see ``initial_weights``), or a Hugging Face checkpoint directory."""
     from sparsek_train.initial_weights import is_pretrained_directory, load_initial_weights
 
-    session = build_session(config, with_optimizer=with_optimizer, log=log)
-    with activate(session.mesh):
-        load_initial_weights(session.model, config.checkpoint, key="checkpoint", log=log)
     if is_pretrained_directory(config.checkpoint):
+        session = build_session(config, with_optimizer=with_optimizer, pretrained=config.checkpoint,
+                                key="checkpoint", log=log)
         session.run_dir = Path(config.train.run_dir)
     else:
+        session = build_session(config, with_optimizer=with_optimizer, log=log)
+        with activate(session.mesh):
+            load_initial_weights(session.model, config.checkpoint, key="checkpoint", log=log)
         directory, session.step = resolve_checkpoint(config.checkpoint)
         session.run_dir = directory.parent if directory.name == "checkpoints" else directory
     return session

@@ -8,6 +8,8 @@ generation restore the model alone.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import jax
@@ -44,14 +46,33 @@ def _check_shapes(name: str, saved, expected) -> None:
                                   f"checkpoint holds {tuple(got.shape)} (was it made with another model config?)")
 
 
+@contextlib.contextmanager
+def _absl_warnings_hidden(hidden: bool):
+    """Orbax logs through absl, whose Python logger is named ``absl``; with ``hidden`` its warnings are dropped
+    while the block runs (errors still show)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    if hidden:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class RunCheckpoints:
     def __init__(self, directory: Path, *, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
-                                               create=not read_only, read_only=read_only)
+        # A read-only manager is given no saving options (Orbax warns about each one it has to drop), and the
+        # warning it logs on every construction that the directory is read only is kept out of evaluation's
+        # and generation's output: reading only is what they asked for.
+        saving = {"save_interval_steps": 0, "max_to_keep": None} if read_only else {"max_to_keep": keep}
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=asynchronous, create=not read_only,
+                                               read_only=read_only, **saving)
         self.directory = Path(directory).absolute()
         handlers = {"model": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        with _absl_warnings_hidden(read_only):
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._pending: int | None = None  # the step of an asynchronous save that may still fail
 
     def steps(self) -> list[int]:

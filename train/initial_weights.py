@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from sparsek_jax.nn import huggingface
 from sparsek_jax.nn.scoring import is_scorer_parameter
 from sparsek_train.checkpointing import CheckpointError, RunCheckpoints, parameter_name, resolve_checkpoint
 from sparsek_train.config import ConfigError
@@ -26,34 +27,62 @@ _ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num
 
 
 def is_pretrained_directory(path: str | Path) -> bool:
+    """A ``config.json`` with safetensors files, or with the index of its shards (a missing shard is then
+    reported by name)."""
     path = Path(path)
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    return (path / "config.json").is_file() and ((path / huggingface.INDEX_FILE).is_file()
+                                                 or any(path.glob("*.safetensors")))
 
 
 def load_initial_weights(model, source: str | Path, *, key: str = "train.init_from", log=print) -> None:
-    """Fills ``model`` in place from ``source`` (see the module docstring), keeping every parameter's
-    sharding. Run this under the mesh the model was created on."""
+    """Fills ``model`` in place from ``source`` (see the module docstring), keeping every parameter's dtype and
+    sharding; a Hugging Face checkpoint is read one tensor at a time, each device receiving only its slice, and
+    checked whole before any parameter changes. Run this under the mesh the model was created on."""
     if is_pretrained_directory(source):
         _from_pretrained(model, Path(source), key, log)
     else:
         _from_run(model, source, key, log)
 
 
-def _from_pretrained(model, path: Path, key: str, log) -> None:
-    from sparsek_jax.nn import huggingface
+def pretrained_model(config, source: str | Path, *, mesh, seed: int, key: str = "train.init_from", log=print):
+    """A model of ``config`` (a ``ModelConfig``) holding the weights of the Hugging Face checkpoint ``source``,
+    built without initialising first: every parameter is read into its dtype and each device's slice on
+    ``mesh`` (call this under ``activate(mesh)``); the scoring networks get what ``nnx.Rngs(seed)`` gives them
+    when the model is created, as in a fresh run."""
+    path = Path(source)
+    _check_fits(config, path, key)
+    try:
+        model = huggingface.pretrained_model(config, path, mesh=mesh, rngs=nnx.Rngs(seed))
+    except huggingface.CheckpointFormatError as error:
+        raise CheckpointError(f"{key}: {error}") from None
+    _log_pretrained(path, model, log)
+    return model
 
+
+def _check_fits(config, path: Path, key: str) -> None:
     try:
         wanted = huggingface.model_config_from_pretrained(path)
     except (huggingface.CheckpointFormatError, ValueError) as error:
         raise ConfigError(f"{key}: {error}") from None
-    differences = [(f, getattr(wanted, f), getattr(model.config, f)) for f in _ARCHITECTURE_FIELDS
-                   if getattr(wanted, f) != getattr(model.config, f)]
+    differences = [(f, getattr(wanted, f), getattr(config, f)) for f in _ARCHITECTURE_FIELDS
+                   if getattr(wanted, f) != getattr(config, f)]
     if differences:
         listed = ", ".join(f"model.{f}: {w!r} in the checkpoint, {h!r} in the config" for f, w, h in differences)
         raise ConfigError(f"{key}: {path} does not fit the model section ({listed})")
-    huggingface.load_pretrained_weights(model, path)
-    log(f"weights from {path} ({wanted.num_layers} layers, {model.config.layer_kinds.count('sparsek')} of them "
-        f"now sparsek with w_score = 0)")
+
+
+def _log_pretrained(path: Path, model, log) -> None:
+    log(f"weights from {path} ({model.config.num_layers} layers, {model.config.layer_kinds.count('sparsek')} of "
+        f"them now sparsek, with new scorers)")
+
+
+def _from_pretrained(model, path: Path, key: str, log) -> None:
+    _check_fits(model.config, path, key)
+    try:
+        huggingface.load_pretrained_weights(model, path)
+    except huggingface.CheckpointFormatError as error:
+        raise CheckpointError(f"{key}: {error}") from None
+    _log_pretrained(path, model, log)
 
 
 def _from_run(model, source, key: str, log) -> None:

@@ -67,15 +67,16 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def create_sharded(mesh, build):
-    """Runs ``build()`` (returning NNX objects, e.g. ``(model, optimizer)``) under ``jit`` so that every
-    variable is created directly with the sharding its logical axes map to."""
+def create_sharded(mesh, build, *inputs):
+    """Runs ``build(*inputs)`` (returning NNX objects, e.g. ``(model, optimizer)``; ``inputs`` may be NNX
+    objects too, e.g. the model an optimizer is built for) under ``jit`` so that every variable is created
+    directly with the sharding its logical axes map to."""
     with activate(mesh):
         @nnx.jit
-        def create():
-            objects = build()
+        def create(*inputs):
+            objects = build(*inputs)
             state = nnx.state(objects)
             nnx.update(objects, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
             return objects
 
-        return create()
+        return create(*inputs)

@@ -26,6 +26,7 @@ from sparsek_train import app, distributed, run_dir, tasks
 from sparsek_train.checkpointing import CheckpointError, RunCheckpoints
 from sparsek_train.config import ConfigError, RunConfig, dump_config
 from sparsek_train.evaluate import evaluate, make_eval_step
+from sparsek_train.initial_weights import is_pretrained_directory, load_initial_weights
 from sparsek_train.metrics import MetricsWriter, Progress, peak_flops, training_flops_per_token
 from sparsek_train.sharding import activate
 
@@ -234,7 +235,10 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
     t = config.train
     if checkpoints.steps():
         run_dir.check_same_model(directory, config)
-    session = app.build_session(config, with_optimizer=True, log=log)
+    # A fresh run from a Hugging Face checkpoint builds its model from the files (no initialisation first).
+    pretrained = t.init_from if t.init_from and not checkpoints.steps() and is_pretrained_directory(t.init_from) \
+        else None
+    session = app.build_session(config, with_optimizer=True, pretrained=pretrained, log=log)
     if is_main:
         (directory / "config.yaml").write_text(dump_config(config))
     examples = tasks.training_examples(config, session.prepared)
@@ -250,9 +254,7 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
         iterator.set_state(data_state)
         step = meta["step"]
         log(f"resumed from {directory / 'checkpoints' / str(latest)} at step {step}")
-    elif t.init_from:
-        from sparsek_train.initial_weights import load_initial_weights
-
+    elif t.init_from and pretrained is None:
         with activate(session.mesh):
             load_initial_weights(session.model, t.init_from, log=log)
     metrics.keep_until(step if restored is not None else -1)  # a fresh run keeps nothing of an earlier try

@@ -84,6 +84,14 @@ class ModelConfig:
             validation.check_choice("ModelConfig.attention", kind, ATTENTION_KINDS)
         if "sliding" in kinds and self.window < 1:
             raise ValueError("ModelConfig.window: expected >= 1 for sliding layers, received 0")
+        # With no window a query attends only to the keys it selects: none would leave it nothing to attend to.
+        if "sparsek" in kinds and self.window == 0 and self.topk == 0:
+            raise ValueError("ModelConfig.topk: expected >= 1 for sparsek layers with window 0 (a query would see "
+                             "no key), received 0")
+        if "block_topk" in kinds and self.window == 0 and self.topk < self.topk_block_size:
+            raise ValueError(f"ModelConfig.topk: expected >= topk_block_size={self.topk_block_size} for block_topk "
+                             f"layers with window 0 (they select topk // topk_block_size blocks: a query would see "
+                             f"no key), received {self.topk}")
         validation.check_choice("ModelConfig.gate", self.gate, validation.GATES)
         validation.check_choice("ModelConfig.implementation", self.implementation, validation.IMPLEMENTATIONS)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
