@@ -15,7 +15,8 @@ after importing jax and the library (VmRSS), ``peak`` its high-water mark (VmHWM
 Scenarios: ``from_pretrained`` on one device, reading into bfloat16 and into float32 (the ``ModelConfig``
 default: the model alone is then two checkpoints' worth); on 8 devices (mesh data 1 x fsdp 4 x tensor 2, the
 training app's logical axis rules) ``from_pretrained(mesh=...)``, and the training app's ``train.init_from``
-path (``initial_weights.pretrained_model``; before this change: the model created sharded, initialised, then
+path (``huggingface.pretrained_model`` with the run's model config, as ``sparsek_train.initial_weights`` calls it;
+before this change: the model created sharded, initialised, then
 ``load_pretrained_weights``). On the mesh every live array's shards are checked: each
 device holds exactly its slice of each parameter (``per-device MiB`` against the slices' total). The export
 (``save_pretrained`` into 1 GB shards, after a 1-device bfloat16 import) is timed with its own peak, and
@@ -175,7 +176,7 @@ def measure(args) -> dict:
     jax.devices()
     mesh = None
     if devices > 1:
-        from sparsek_train.sharding import activate
+        from sparsek_jax.nn.sharding import activate
 
         mesh = jax.make_mesh(tuple(MESH.values()), tuple(MESH), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     baseline = memory_kib()["VmRSS"]
@@ -185,15 +186,13 @@ def measure(args) -> dict:
     elif how == "from_pretrained":
         with activate(mesh):
             model = module.from_pretrained(args.checkpoint, mesh=mesh, param_dtype=param_dtype)
-    elif args.module is None:  # the training app's train.init_from: the model built from the files
-        from sparsek_train.initial_weights import pretrained_model
-
+    elif args.module is None:  # the training app's train.init_from: the model of its config built from the files
         config = module.model_config_from_pretrained(args.checkpoint, param_dtype=param_dtype)
         with activate(mesh):
-            model = pretrained_model(config, args.checkpoint, mesh=mesh, seed=0, log=lambda message: None)
+            model = module.pretrained_model(config, args.checkpoint, mesh=mesh)
     else:  # how the training app did it before: the model created sharded (initialised), then filled
         from sparsek_jax.nn import TransformerLM
-        from sparsek_train.sharding import create_sharded
+        from sparsek_jax.nn.sharding import create_sharded
 
         config = module.model_config_from_pretrained(args.checkpoint, param_dtype=param_dtype)
         model = create_sharded(mesh, lambda: TransformerLM(config, rngs=nnx.Rngs(0)))

@@ -227,7 +227,7 @@ import jax, jax.numpy as jnp, numpy as np, tempfile
 from flax import nnx
 from sparsek_jax.nn import TransformerLM, huggingface as hf
 from sparsek_train.initial_weights import pretrained_model
-from sparsek_train.sharding import activate, create_sharded
+from sparsek_jax.nn.sharding import activate, create_sharded
 import optax
 path = {str(FIXTURES / "llama")!r}
 mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)

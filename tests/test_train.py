@@ -160,7 +160,7 @@ import jax
 from sparsek_jax import data
 from sparsek_train import app
 from sparsek_train.config import ConfigError, load_config
-from sparsek_train.sharding import activate
+from sparsek_jax.nn.sharding import activate
 from sparsek_train.trainer import make_train_step
 config = load_config(sys.argv[1], sys.argv[2:])
 session = app.build_session(config, with_optimizer=True, log=lambda m: None)

@@ -16,7 +16,8 @@ from sparsek_jax.nn.scoring import is_scorer_parameter
 from sparsek_train import tasks
 from sparsek_train.checkpointing import resolve_checkpoint
 from sparsek_train.config import ConfigError, RunConfig, load_config
-from sparsek_train.sharding import activate, batch_sharding, create_sharded, make_mesh
+from sparsek_jax.nn.sharding import activate, create_sharded
+from sparsek_train.sharding import batch_sharding, make_mesh
 
 
 def parse_config(prog: str, description: str, argv=None, *, require: tuple[str, ...] = ()

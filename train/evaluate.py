@@ -21,7 +21,7 @@ from flax import nnx
 from sparsek_jax import data
 from sparsek_jax.diagnostics import KEY_STATUS, key_status
 from sparsek_train import distributed, tasks
-from sparsek_train.sharding import activate
+from sparsek_jax.nn.sharding import activate
 
 
 def bucket_edges(length: int) -> list[int]:

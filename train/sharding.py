@@ -1,33 +1,14 @@
-"""The device mesh, logical-axis rules, and sharded creation of the model and optimizer."""
+"""The device mesh of a run (``train.mesh``) and the batches' sharding; the logical-axis rules and sharded
+creation are the library's (``sparsek_jax.nn.sharding``)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sparsek_jax.nn.attention import BATCH_AXIS, HEADS_AXIS
+from sparsek_jax.nn.sharding import MESH_AXES
 from sparsek_train.config import ConfigError, MeshConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axes -> mesh axes. Embedding dims are sharded FSDP-style; heads and the MLP's hidden dim along the
-# tensor axis; the batch along data and fsdp. The activation names tell the SparseK layers which mesh axes
-# their inputs are split over, so that the kernels run per shard.
-LOGICAL_RULES = (
-    (BATCH_AXIS, ("data", "fsdp")),
-    (HEADS_AXIS, "tensor"),
-    ("layers", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-)
 
 
 def mesh_shape(config: MeshConfig, device_count: int) -> tuple[int, int, int]:
@@ -55,28 +36,6 @@ def make_mesh(config: MeshConfig) -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-@contextlib.contextmanager
-def activate(mesh):
-    """The mesh and the logical axis rules, for tracing and running sharded steps."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
-        yield
-
-
 def batch_sharding(mesh) -> NamedSharding:
     """Batches are split over the data and fsdp axes."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-
-def create_sharded(mesh, build, *inputs):
-    """Runs ``build(*inputs)`` (returning NNX objects, e.g. ``(model, optimizer)``; ``inputs`` may be NNX
-    objects too, e.g. the model an optimizer is built for) under ``jit`` so that every variable is created
-    directly with the sharding its logical axes map to."""
-    with activate(mesh):
-        @nnx.jit
-        def create(*inputs):
-            objects = build(*inputs)
-            state = nnx.state(objects)
-            nnx.update(objects, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
-            return objects
-
-        return create(*inputs)

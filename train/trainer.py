@@ -28,7 +28,7 @@ from sparsek_train.config import ConfigError, RunConfig, dump_config
 from sparsek_train.evaluate import evaluate, make_eval_step
 from sparsek_train.initial_weights import is_pretrained_directory, load_initial_weights
 from sparsek_train.metrics import MetricsWriter, Progress, peak_flops, training_flops_per_token
-from sparsek_train.sharding import activate
+from sparsek_jax.nn.sharding import activate
 
 
 def next_token_loss(model, batch, teacher: bool = False):

@@ -360,7 +360,7 @@ def _abstract_model(config: ModelConfig, mesh):
     if not flax.core.spmd.get_logical_axis_rules():
         raise ValueError("mesh: expected a call under nnx.logical_axis_rules(...) mapping the parameters' logical "
                          "axes (embed, vocab, q_heads, kv_heads, head_dim, mlp) onto the mesh's axes, received "
-                         "no rules (the training app's sparsek_train.sharding.activate(mesh) sets both)")
+                         "no rules (sparsek_jax.nn.sharding.activate(mesh) sets both)")
     # nnx.eval_shape under a mesh drops the shardings; get_abstract_model computes them from the logical axes.
     return nnx.merge(*nnx.get_abstract_model(create, mesh))
 
@@ -396,7 +396,7 @@ def from_pretrained(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, 
     never held twice nor initialised first. Without ``mesh`` (and outside ``jax.set_mesh``, whose mesh is
     otherwise used) the parameters go to the default device; with one,
     each device receives only its slice of each parameter, sharded as the ``nnx.logical_axis_rules`` in effect
-    map the parameters' logical axes onto ``mesh`` (call it under the training app's ``activate(mesh)``).
+    map the parameters' logical axes onto ``mesh`` (call it under ``sparsek_jax.nn.sharding.activate(mesh)``).
     Parameters the checkpoint has no tensor for (the scoring networks of ``sparsek`` layers) get the values
     that ``TransformerLM(config, rngs=rngs)`` gives them (``rngs`` defaults to ``nnx.Rngs(0)``; ``w_score = 0``
     unless ``scorer_init_std`` is set). Errors as in ``load_pretrained_weights``."""
