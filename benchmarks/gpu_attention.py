@@ -36,6 +36,14 @@ BASELINE = "cudnn" if jax.default_backend() == "gpu" else "xla"
 NAME = f"{jax.default_backend()}_attention"
 
 
+# (seq, q_heads, kv_heads, head_dim, topk, window); the most telling first, so that a run cut short still
+# answers the main questions.
+CASES = [(s, 12, 12, 64, 1024, 1024) for s in (65536, 8192, 16384, 32768, 131072)] + [
+    (65536, 12, 4, 64, 1024, 1024), (65536, 12, 12, 128, 1024, 1024), (65536, 12, 12, 64, 256, 256),
+    (65536, 12, 12, 64, 2048, 2048), (4096, 12, 12, 64, 1024, 1024)]
+CASE_KEYS = ("seq", "q_heads", "kv_heads", "head_dim", "topk", "window")
+
+
 def time_ms(fn, *args, repeats=10):
     out = fn(*args)
     jax.block_until_ready(out)
@@ -146,13 +154,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--replot", nargs="?", const="gpu_attention", metavar="NAME",
                         help="only redraw the plot and reprint the table from benchmarks/results/NAME.json")
+    parser.add_argument("--cases", type=int, nargs="+", metavar="INDEX",
+                        help="only these cases (indices into CASES); the rows of other cases already in the results "
+                             "JSON are kept, so a table can be measured in several runs")
     args = parser.parse_args(argv)
-    # Most telling first, so that a run cut short still answers the main questions.
-    cases = [(s, 12, 12, 64, 1024, 1024) for s in (65536, 8192, 16384, 32768, 131072)]
-    cases += [(65536, 12, 4, 64, 1024, 1024), (65536, 12, 12, 128, 1024, 1024), (65536, 12, 12, 64, 256, 256),
-              (65536, 12, 12, 64, 2048, 2048), (4096, 12, 12, 64, 1024, 1024)]
-    if args.quick:
-        cases = cases[:2]
+    cases = CASES[:2] if args.quick else [CASES[i] for i in args.cases] if args.cases else CASES
     name = NAME + ("_triton" if args.implementation == "triton" else "")
     device, baseline = jax.devices()[0].device_kind, BASELINE
     if args.replot:
@@ -164,7 +170,9 @@ def main(argv=None):
                                                                             r["head_dim"], r["seq"]))
     else:
         config = {"tokens_per_call": TOKENS, "implementation": args.implementation, "repeats": args.repeats}
-        rows = []
+        saved_path = reporting.RESULTS_DIR / f"{name}.json"
+        rows = [r for r in json.loads(saved_path.read_text())["rows"] if tuple(r[k] for k in CASE_KEYS) not in cases] \
+            if args.cases and saved_path.exists() else []
         for case in cases:
             rows.append(run_case(*case, args.implementation, args.repeats))
             reporting.write_json(name, config, rows)  # after every case: partial runs count
