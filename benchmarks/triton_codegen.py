@@ -100,8 +100,9 @@ def main(argv=None):
         launch = kernels.Launch(*(int(x) for x in args.launch.split(",")))
     else:
         defaults = sk.BlockSizes.default("triton")
-        launch = kernels.Launch(triton_adapter.tile_rows(args.head_dim), defaults.block_k, defaults.backward_block_k,
-                                defaults.num_warps, defaults.num_stages)
+        launch = triton_adapter.launch(args.head_dim, rows=defaults.tile_rows, block_k=defaults.block_k,
+                                       backward_block_k=defaults.backward_block_k, num_warps=defaults.num_warps,
+                                       num_stages=defaults.num_stages)
     rows = []
     for kv_heads in (12, 4):
         for gate in ("value", "logit", "none"):

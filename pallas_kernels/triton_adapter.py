@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from sparsek_kernels import layout
 from sparsek_kernels import triton_attention as kernels
 
-__all__ = ["Options", "tile_rows", "attention_forward", "attention_backward"]
+__all__ = ["Options", "launch", "attention_forward", "attention_backward"]
 
 
 class Options(NamedTuple):
@@ -26,25 +26,30 @@ class Options(NamedTuple):
     rows: int | None   # query rows per row tile (``BlockSizes.tile_rows``; None: by head_dim)
     block_k: int       # keys per step of the forward
     backward_block_k: int  # keys per step of the query-major backward, rows per step of the key-major one
-    num_warps: int
+    num_warps: int | None  # None: by head_dim
     num_stages: int
     interpret: bool = False
 
 
-def tile_rows(head_dim: int, rows: int | None = None) -> int:
-    """Rows per tile: ``rows``, or by default a 32 KiB float32 accumulator (``8192 // head_dim``, head_dim
-    rounded up to a power of two), at most 128 rows (the register counts in docs/kernels.md)."""
-    return rows or max(16, min(128, 8192 // max(16, 1 << (head_dim - 1).bit_length())))
+def launch(head_dim: int, *, rows: int | None, block_k: int, backward_block_k: int, num_warps: int | None,
+           num_stages: int) -> kernels.Launch:
+    """The kernels' launch parameters; ``rows`` and ``num_warps`` left None follow head_dim (rounded up to a
+    power of two). Rows: 64, one warpgroup's wgmma height, fewer only where a 32 KiB float32 accumulator
+    (``8192 // head_dim`` rows) is smaller, at least 16. Warps: 4 up to head_dim 64, 8 above, where 4 warps' 255
+    registers spill (docs/kernels.md has the H200 timings and register counts behind both)."""
+    width = max(16, 1 << (head_dim - 1).bit_length())
+    rows = rows or max(16, min(64, 8192 // width))
+    return kernels.Launch(rows, block_k, min(backward_block_k, rows), num_warps or (4 if width <= 64 else 8),
+                          num_stages)
 
 
 def _common(q, k, v, scores, segments, selection: layout.Selection, o: Options):
     """The kernels' shared arrays (keys in q's dtype) and keyword options."""
     arrays = (q, k.astype(q.dtype), v.astype(q.dtype), scores.astype(jnp.float32), segments.astype(jnp.int32))
     rows = (selection.tau, selection.theta, selection.theta_pos)
-    rows_per_tile = tile_rows(q.shape[3], o.rows)
-    launch = kernels.Launch(rows_per_tile, o.block_k, min(o.backward_block_k, rows_per_tile), o.num_warps,
-                            o.num_stages)
-    options = dict(window=o.window, anchor_block=o.anchor_block, scale=o.scale, gate=o.gate, launch=launch,
+    options = dict(window=o.window, anchor_block=o.anchor_block, scale=o.scale, gate=o.gate,
+                   launch=launch(q.shape[3], rows=o.rows, block_k=o.block_k, backward_block_k=o.backward_block_k,
+                                 num_warps=o.num_warps, num_stages=o.num_stages),
                    interpret=o.interpret)
     return arrays, rows, options
 

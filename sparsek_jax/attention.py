@@ -48,8 +48,8 @@ def sparsek_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Arra
         are contiguous runs (as packing produces): concrete ids that come back after another id are rejected;
         under a trace every change of id starts a new document.
       scale: logit scale, default ``1 / sqrt(head_dim)``.
-      implementation: ``"auto"`` (the default: ``pallas_gpu`` on GPUs, ``pallas_tpu`` on TPUs, ``xla``
-        elsewhere), ``"xla"`` (blocked and gathered, O(seq (topk + block_q + window)) memory and time,
+      implementation: ``"auto"`` (the default: ``triton`` on GPUs where jax-triton is installed, else
+        ``pallas_gpu``; ``pallas_tpu`` on TPUs; ``xla`` elsewhere), ``"xla"`` (blocked and gathered, O(seq (topk + block_q + window)) memory and time,
         forward and backward, any backend), ``"pallas_gpu"`` / ``"pallas_tpu"`` (the fused Pallas kernels,
         forward and backward; docs/kernels.md), ``"triton"`` (Triton kernels through jax-triton, forward and
         backward, on GPUs: the ``triton`` extra; docs/kernels.md) or ``"reference"`` (the dense O(seq^2)

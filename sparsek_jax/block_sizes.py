@@ -7,13 +7,13 @@ import dataclasses
 __all__ = ["BlockSizes"]
 
 # Per implementation: (block_q, block_k, blocks_per_group, threshold_chunk, num_warps, num_stages, tile_rows,
-# backward_block_k). The Pallas GPU values come from the tuning runs in docs/kernels.md; TPU blocks are 128 lanes
-# wide; the Triton values follow the cost model and the register counts in docs/kernels.md.
+# backward_block_k). The Pallas GPU and Triton values come from the tuning runs on the H200 in docs/kernels.md
+# (Triton's rows and warps follow head_dim); TPU blocks are 128 lanes wide.
 _DEFAULTS = {
     "xla": (64, None, None, 256, None, None, None, None),
     "pallas_gpu": (64, 32, 16, 256, 4, 2, None, None),
     "pallas_tpu": (64, 128, 16, 256, None, None, None, None),
-    "triton": (64, 64, None, 256, 8, 3, None, 32),
+    "triton": (64, 64, None, 256, None, 3, None, 32),
 }
 
 
@@ -28,10 +28,11 @@ class BlockSizes:
     blocks_per_group: query blocks per super-block of the kernels' key-major backward pass.
     threshold_chunk: keys per lane of the thresholds' event simulation; a multiple of ``block_q``
       (shortened for short sequences).
-    num_warps, num_stages: Triton launch parameters of the GPU attention kernels.
+    num_warps, num_stages: Triton launch parameters of the GPU attention kernels (Triton's ``num_warps``
+      None: 4 up to head_dim 64, 8 above).
     tile_rows: Triton: query rows ((query, head) pairs of a KV group) per program, a power of two >= 16; also
-      the keys per program of the key-major backward. None: ``8192 // head_dim`` (head_dim rounded up to a
-      power of two), at most 128, so that a tile's float32 accumulator is 32 KiB.
+      the keys per program of the key-major backward. None: 64 (one warpgroup's wgmma), fewer only where a
+      32 KiB float32 accumulator (``8192 // head_dim`` rows, head_dim rounded up to a power of two) is smaller.
     backward_block_k: Triton: the backward's step, a power of two >= 16 and at most ``tile_rows`` (lowered to
       it where ``tile_rows`` follows head_dim): keys per step of the query-major kernel, rows per step of the
       key-major one.

@@ -7,6 +7,8 @@ argument is wrong and why without reading our code.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import numbers
 from collections.abc import Sequence
 
@@ -108,13 +110,20 @@ def check_selection_args(scores, topk, window, segment_ids) -> tuple[int, int]:
 
 
 def resolve_implementation(implementation: str, choices: Sequence[str] = IMPLEMENTATIONS) -> str:
-    """Checks ``implementation`` against ``choices``; ``"auto"`` becomes the kernels of the default backend
-    (``pallas_gpu`` on GPUs, ``pallas_tpu`` on TPUs) where they are among the choices, else ``xla``."""
+    """Checks ``implementation`` against ``choices``; ``"auto"`` becomes the fastest kernels of the default
+    backend among the choices: on GPUs ``triton`` where jax-triton is installed (the ``triton`` extra), else
+    ``pallas_gpu``; on TPUs ``pallas_tpu``; ``xla`` elsewhere."""
     check_choice("implementation", implementation, choices)
     if implementation != "auto":
         return implementation
-    best = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
-    return best if best in choices else "xla"
+    preferred = {"gpu": ("triton", "pallas_gpu") if _has_jax_triton() else ("pallas_gpu",),
+                 "tpu": ("pallas_tpu",)}.get(jax.default_backend(), ())
+    return next((name for name in preferred if name in choices), "xla")
+
+
+@functools.cache
+def _has_jax_triton() -> bool:
+    return importlib.util.find_spec("jax_triton") is not None
 
 
 def is_concrete(x) -> bool:

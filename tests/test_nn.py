@@ -99,6 +99,20 @@ def test_sparsek_cache_size_is_constant(rng):
     assert sknn.cache_nbytes(cache) < 10_000
 
 
+def test_dense_layers_use_cudnn_on_gpus_in_16_bits():
+    # jax.nn.dot_product_attention's own None is XLA's attention; the layers pick cuDNN where it runs.
+    from sparsek_jax.nn.attention import dense_implementation
+
+    assert dense_implementation(None, jnp.bfloat16, 64, backend="gpu") == "cudnn"
+    assert dense_implementation(None, jnp.float16, 128, backend="gpu") == "cudnn"
+    assert dense_implementation(None, jnp.float32, 64, backend="gpu") == "xla"  # cuDNN takes 16-bit inputs
+    assert dense_implementation(None, jnp.bfloat16, 256, backend="gpu") == "xla"
+    assert dense_implementation(None, jnp.bfloat16, 64, backend="cpu") == "xla"
+    assert dense_implementation(None, jnp.bfloat16, 64, backend="tpu") == "xla"
+    assert dense_implementation("xla", jnp.bfloat16, 64, backend="gpu") == "xla"
+    assert dense_implementation("cudnn", jnp.float32, 64, backend="cpu") == "cudnn"  # asked for: JAX decides
+
+
 def test_one_training_step_moves_the_scorer(rng):
     model = sknn.TransformerLM(small_config(), rngs=nnx.Rngs(4))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)

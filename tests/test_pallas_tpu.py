@@ -3,7 +3,6 @@
 TPU interpret mode simulates the TPU's memory spaces and is slow: the shapes are tiny and few.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -61,11 +61,12 @@ def test_kernels_compile_for_hopper(kernel, gate, kv_heads, head_dim):
     if _interpreting():
         pytest.skip("Triton interprets in this process: nothing compiles")
     from benchmarks import triton_codegen
-    from sparsek_kernels import triton_adapter, triton_attention
+    from sparsek_kernels import triton_adapter
 
     defaults = sk.BlockSizes.default("triton")
-    launch = triton_attention.Launch(triton_adapter.tile_rows(head_dim), defaults.block_k, defaults.backward_block_k,
-                                     defaults.num_warps, defaults.num_stages)
+    launch = triton_adapter.launch(head_dim, rows=defaults.tile_rows, block_k=defaults.block_k,
+                                   backward_block_k=defaults.backward_block_k, num_warps=defaults.num_warps,
+                                   num_stages=defaults.num_stages)
     constants = triton_codegen.constexprs(kernel, seq=65536, q_heads=12, kv_heads=kv_heads, head_dim=head_dim,
                                           topk=1024, window=1024, gate=gate, launch=launch)
     report = triton_codegen.inspect(triton_codegen.compile_kernel(kernel, constants, launch))
@@ -121,6 +122,21 @@ def test_forward_backward_lowers_for_cuda():
            "TRITON_INTERPRET": "0"}
     result = _run(["-c", LOWER], env, 600)
     assert result.returncode == 0 and "lowered" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_default_launch_follows_head_dim():
+    # Tuned on the H200 at head_dim 64 (64 rows, 4 warps); 4 warps spill registers at head_dim 128.
+    from sparsek_kernels import triton_adapter
+
+    defaults = sk.BlockSizes.default("triton")
+    fields = dict(rows=None, block_k=defaults.block_k, backward_block_k=defaults.backward_block_k, num_warps=None,
+                  num_stages=defaults.num_stages)
+    got = {d: triton_adapter.launch(d, **fields) for d in (32, 64, 80, 128, 256)}
+    assert {d: (launch.rows, launch.num_warps) for d, launch in got.items()} == {
+        32: (64, 4), 64: (64, 4), 80: (64, 8), 128: (64, 8), 256: (32, 8)}
+    assert got[256].backward_block_k == 32
+    explicit = triton_adapter.launch(64, **dict(fields, rows=128, num_warps=8))
+    assert (explicit.rows, explicit.num_warps) == (128, 8)
 
 
 def test_launch_sizes_are_checked():

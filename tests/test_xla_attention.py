@@ -83,12 +83,15 @@ def test_auto_is_the_default_and_picks_the_backends_kernels(rng, monkeypatch):
     q, k, v, u, _ = attention_inputs(rng, 1, 20, 2, 1, 8)
     default = sk.sparsek_attention(q, k, v, u, topk=3, window=2)
     np.testing.assert_array_equal(default, sk.sparsek_attention(q, k, v, u, topk=3, window=2, implementation="xla"))
-    for platform, expected in (("gpu", "pallas_gpu"), ("tpu", "pallas_tpu"), ("cpu", "xla")):
-        monkeypatch.setattr(validation.jax, "default_backend", lambda: platform)
-        assert validation.resolve_implementation("auto") == expected
-        # The thresholds have no TPU kernels: their "auto" on a TPU is the XLA path.
-        assert validation.resolve_implementation("auto", ("auto", "xla", "pallas_gpu")) == expected.replace(
-            "pallas_tpu", "xla")
+    for has_jax_triton in (True, False):
+        monkeypatch.setattr(validation, "_has_jax_triton", lambda: has_jax_triton)
+        gpu = "triton" if has_jax_triton else "pallas_gpu"
+        for platform, expected in (("gpu", gpu), ("tpu", "pallas_tpu"), ("cpu", "xla")):
+            monkeypatch.setattr(validation.jax, "default_backend", lambda: platform)
+            assert validation.resolve_implementation("auto") == expected
+            # The thresholds have GPU kernels in Pallas only, and none for TPUs (their "auto" there is XLA).
+            assert validation.resolve_implementation("auto", ("auto", "xla", "pallas_gpu")) == {
+                "gpu": "pallas_gpu", "tpu": "xla", "cpu": "xla"}[platform]
 
 
 def test_vmap_and_block_options(rng):

@@ -48,7 +48,7 @@ class ModelConfig:
     scorer_init_std: float = 0.0
     gate: str = "value"
     implementation: str = "auto"          # sparsek_attention implementation
-    dense_implementation: str | None = None  # jax.nn.dot_product_attention: None (best), "xla", "cudnn"
+    dense_implementation: str | None = None  # dense/sliding layers: "xla", "cudnn"; None: cuDNN on GPUs in 16 bits
     block_sizes: BlockSizes | None = None  # sparsek_attention's tiles and kernel parameters (None: defaults)
     interpret: bool = False        # Pallas kernels in interpret mode (tests and debugging on CPU)
     buffer_size: int | None = None
