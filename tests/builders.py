@@ -5,6 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def write_text_corpus(root, documents: int, words_per_document: int):
+    """``documents`` small ``.txt`` files of random words under ``root`` (a ``text_files`` corpus); returns
+    ``root``. Fixed seed: every test that builds one reads the same texts."""
+    rng = np.random.default_rng(0)
+    words = "the state of the union is strong and congress shall make laws for the people of the nation".split()
+    for i in range(documents):
+        (root / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=words_per_document)))
+    return root
+
+
 def random_qkv(rng, batch, seq, q_heads, kv_heads, dim, dtype=np.float32):
     shapes = ((batch, seq, q_heads, dim), (batch, seq, kv_heads, dim), (batch, seq, kv_heads, dim))
     return tuple(jnp.asarray(rng.normal(size=s).astype(dtype)) for s in shapes)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builders import write_text_corpus
+
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
 
@@ -33,11 +35,7 @@ TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.nu
 
 @pytest.fixture(scope="module")
 def overrides(tmp_path_factory):
-    root = tmp_path_factory.mktemp("texts")
-    rng = np.random.default_rng(0)
-    words = "the state of the union is strong and congress shall make laws for the people of the nation".split()
-    for i in range(16):
-        (root / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=300)))
+    root = write_text_corpus(tmp_path_factory.mktemp("texts"), 16, 300)
     data = tmp_path_factory.mktemp("data")
     return TINY + ["data.dataset=text_files", f"data.source_path={root}", f"data.data_dir={data}"]
 

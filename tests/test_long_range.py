@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from benchmarks.long_range import EXPERIMENTS
+from builders import write_text_corpus
 
 ROOT = Path(__file__).parent.parent
 TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.head_dim=16",
@@ -22,12 +22,7 @@ TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.nu
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("texts")
-    rng = np.random.default_rng(0)
-    words = "the state of the union is strong and congress shall make laws for the people of the nation".split()
-    for i in range(8):
-        (root / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=500)))
-    return root
+    return write_text_corpus(tmp_path_factory.mktemp("texts"), 8, 500)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sparsek_jax as sk
-from builders import random_scores, random_segments
+from builders import random_scores, random_segments, write_text_corpus
 from sparsek_jax import data
 from sparsek_jax.data.passkey import MixedExamples, PasskeyExamples, PasskeySpec
 from sparsek_jax.data.recall import AssociativeRecall, RecallSpec, RecallVocabulary
@@ -80,11 +80,7 @@ def test_recall_spec_and_vocabulary_errors_name_the_setting():
 
 @pytest.fixture(scope="module")
 def text_split(tmp_path_factory):
-    root = tmp_path_factory.mktemp("texts")
-    rng = np.random.default_rng(0)
-    words = "the state of the union is strong and congress shall make laws for the people of the nation".split()
-    for i in range(12):
-        (root / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=400)))
+    root = write_text_corpus(tmp_path_factory.mktemp("texts"), 12, 400)
     prepared = data.prepare_data(dataset="text_files", data_dir=str(tmp_path_factory.mktemp("data")),
                                  source_path=str(root), vocab_size=300, log=lambda m: None)
     return prepared

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from builders import write_text_corpus
+
 from sparsek_jax.nn import TransformerLM
 from sparsek_train.config import ConfigError, load_config
 from sparsek_train.trainer import train
@@ -66,12 +68,7 @@ def test_every_configs_model_builds_and_runs(model_config, paths):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("texts")
-    rng = np.random.default_rng(0)
-    words = "the state of the union is strong and congress shall make laws for the people of the nation".split()
-    for i in range(16):
-        (root / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=300)))
-    return root
+    return write_text_corpus(tmp_path_factory.mktemp("texts"), 16, 300)
 
 
 @pytest.fixture(scope="module")
