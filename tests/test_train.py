@@ -20,6 +20,7 @@ from builders import write_text_corpus
 
 from sparsek_jax.nn import TransformerLM
 from sparsek_train.config import ConfigError, load_config
+from sparsek_train import evaluate, generate_cli, plot
 from sparsek_train.trainer import train
 
 ROOT = Path(__file__).parent.parent
@@ -92,7 +93,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_train_checkpoint_resume_eval(corpus, tmp_path, data_dir):
+def test_train_checkpoint_resume_eval(corpus, tmp_path, data_dir, capsys):
     run_dir = tmp_path / "run"
     config = load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, run_dir, **{
         "train.steps": 3, "train.checkpoint_every": 2}))
@@ -112,28 +113,22 @@ def test_train_checkpoint_resume_eval(corpus, tmp_path, data_dir):
     evaluations = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                    if "eval_loss" in json.loads(line)]
     assert evaluations == [0, 3, 5]  # a resumed run does not evaluate its start again
-    # Evaluate the checkpoint: JSON by position bucket, beyond the training context.
-    result = subprocess.run([sys.executable, "-m", "sparsek_train.evaluate", str(ROOT / "configs/demo.yaml"),
-                             *run_overrides(corpus, data_dir, run_dir), f"checkpoint={run_dir}",
-                             "eval.lengths=[32, 64]", "eval.batch_size=2"], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Evaluate the checkpoint: JSON by position bucket, beyond the training context. The command-line entry
+    # points are called in this process (their console scripts only call them).
+    capsys.readouterr()
+    assert evaluate.main([str(ROOT / "configs/demo.yaml"), *run_overrides(corpus, data_dir, run_dir),
+                          f"checkpoint={run_dir}", "eval.lengths=[32, 64]", "eval.batch_size=2"]) == 0
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["checkpoint_step"] == 5
     assert [r["length"] for r in report["results"]] == [32, 64]
     for r in report["results"]:
         assert r["tokens"] > 0 and r["bits_per_byte"] > 0 and np.isfinite(r["perplexity"])
         assert sum(b["tokens"] for b in r["buckets"]) == r["tokens"]
-    assert "(beyond training context)" in result.stdout
-    generated = subprocess.run([sys.executable, "-m", "sparsek_train.generate_cli", str(ROOT / "configs/demo.yaml"),
-                                *run_overrides(corpus, data_dir, run_dir), f"checkpoint={run_dir}",
-                                "prompt=the state of", "generate.max_new_tokens=8"], capture_output=True, text=True,
-                               timeout=600, cwd=ROOT)
-    assert generated.returncode == 0, generated.stderr[-3000:]
-    assert generated.stdout.startswith("the state of")
-    plotted = subprocess.run([sys.executable, "-m", "sparsek_train.plot", str(run_dir)], capture_output=True, text=True,
-                             timeout=120, cwd=ROOT)
-    assert plotted.returncode == 0 and (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(beyond training context)" in capsys.readouterr().out
+    assert generate_cli.main([str(ROOT / "configs/demo.yaml"), *run_overrides(corpus, data_dir, run_dir),
+                              f"checkpoint={run_dir}", "prompt=the state of", "generate.max_new_tokens=8"]) == 0
+    assert capsys.readouterr().out.startswith("the state of")
+    assert plot.main([str(run_dir)]) == 0 and (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resumed_run_has_the_same_losses(corpus, tmp_path, data_dir):
