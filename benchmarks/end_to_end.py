@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import jax
+import yaml
 
 from benchmarks import reporting
 
@@ -78,8 +79,6 @@ def run_arm(arm: str, context: str, steps: int, log_every: int, run_root: Path, 
     resolved = run_dir / "config.yaml"
     tokens_per_step = None
     if resolved.exists():
-        import yaml
-
         data = yaml.safe_load(resolved.read_text())["data"]
         tokens_per_step = data["batch_size"] * data["seq_len"]
         row["tokens_per_step"] = tokens_per_step
@@ -104,8 +103,7 @@ def main(argv=None):
         parser.error(f"--steps must be at least 2 x --log-every (one interval holds the compilation); "
                      f"got {args.steps} and {args.log_every}")
     name = f"{jax.default_backend()}_end_to_end_{args.context}"
-    config = {"context": args.context, "steps": args.steps, "log_every": args.log_every,
-              "command": "python -m benchmarks.end_to_end " + " ".join(argv if argv is not None else sys.argv[1:])}
+    config = {"context": args.context, "steps": args.steps, "log_every": args.log_every}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = args.run_root or Path(scratch)

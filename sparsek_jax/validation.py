@@ -111,7 +111,7 @@ def check_selection_args(scores, topk, window, segment_ids) -> tuple[int, int]:
 
 def resolve_implementation(implementation: str, choices: Sequence[str] = IMPLEMENTATIONS) -> str:
     """Checks ``implementation`` against ``choices``; ``"auto"`` becomes the fastest kernels of the default
-    backend among the choices: on GPUs ``triton`` where jax-triton is installed (the ``triton`` extra), else
+    backend among the choices: on GPUs ``triton`` where jax-triton is installed (the ``gpu`` and ``triton`` extras), else
     ``pallas_gpu``; on TPUs ``pallas_tpu``; ``xla`` elsewhere."""
     check_choice("implementation", implementation, choices)
     if implementation != "auto":
