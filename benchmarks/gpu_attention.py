@@ -124,8 +124,8 @@ def plot(rows, path: Path, device: str, baseline: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in rows if r["topk"] == 1024 and r["window"] == 1024 and r["kv_heads"] == r["q_heads"]
-            and r["head_dim"] == 64]
+    main = sorted((r for r in rows if r["topk"] == 1024 and r["window"] == 1024 and r["kv_heads"] == r["q_heads"]
+                   and r["head_dim"] == 64), key=lambda r: r["seq"])  # merged runs keep their cases' order
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
         for kind, marker in (("sparsek", "o"), ("pallas", "D"), ("dense", "s"), ("sliding", "^")):
