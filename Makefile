@@ -39,8 +39,10 @@ tour: venv
 retrofit: venv
 	$(PY) -m benchmarks.retrofit_demo
 
+# Work stealing: a worker that runs out of tests takes queued ones from the other, so a few long tests do not
+# leave one core idle at the end.
 test: venv
-	$(PY) -m pytest -n 2 -m "not gpu and not tpu" --durations=12 tests
+	$(PY) -m pytest -n 2 --dist worksteal -m "not gpu and not tpu" --durations=12 tests
 
 clean:
 	rm -rf $(VENV) runs
