@@ -135,7 +135,9 @@ def test_out_of_range_tokens_are_nan_at_their_position_only(rng, bad_id):
 
 
 def test_dense_cache_overflow_is_loud(rng):
-    model = small_model()  # a dense layer with max_decode_length 12
+    # A dense layer with max_decode_length 12; the other layer is a sliding window (its cache has a fixed size,
+    # as a SparseK layer's does, and compiles in a fraction of the time).
+    model = small_model(attention=("sliding", "dense"))
     prompt = jnp.asarray(rng.integers(0, 40, size=(1, 8)), jnp.int32)
     with pytest.raises(ValueError, match=r"max_new_tokens: prompt \(8\) \+ new tokens \(5\) exceed the dense "
                                          r"layers' cache \(max_decode_length=12\)"):
