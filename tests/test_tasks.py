@@ -1,6 +1,8 @@
 """Synthetic long-range tasks (associative recall, passkeys in text), their evaluation and the selection
 diagnosis."""
 
+from dataclasses import replace
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from sparsek_jax import data
 from sparsek_jax.data.passkey import MixedExamples, PasskeyExamples, PasskeySpec
 from sparsek_jax.data.recall import AssociativeRecall, RecallSpec, RecallVocabulary
 from sparsek_jax.diagnostics import KEY_STATUS, key_status
+from sparsek_train import tasks
+from sparsek_train.config import RunConfig
 
 FIELDS = {"inputs", "targets", "loss_mask", "segment_ids", "positions", "answer_source"}
 
@@ -107,6 +111,22 @@ def test_passkey_is_hidden_at_its_depth_and_asked_for_at_the_end(text_split):
     assert np.all(np.diff(depths) > 0) and depths[0] < 0.1 and depths[-1] > 0.5  # stratified, start to end
     with pytest.raises(ValueError, match="seq_len: expected a document of at least"):
         PasskeyExamples(split, tokenizer, 10**6, spec=PasskeySpec(), seed=0)
+
+
+def test_answer_weight_weighs_the_answer_in_training_only(text_split):
+    split, tokenizer = text_split.splits["train"], text_split.tokenizer
+    weighted = PasskeyExamples(split, tokenizer, 128, spec=PasskeySpec(answer_weight=8.0), seed=0)[3]
+    asked = weighted["answer_source"] >= 0
+    assert asked.sum() >= 5 and (weighted["loss_mask"][asked] == 8).all() and (weighted["loss_mask"][~asked] == 1).all()
+    plain = PasskeyExamples(split, tokenizer, 128, spec=PasskeySpec(), seed=0)[3]
+    assert all((weighted[k] == plain[k]).all() for k in FIELDS - {"loss_mask"})
+    default = RunConfig()
+    config = replace(default, data=replace(default.data, passkey=PasskeySpec(fraction=0.5, answer_weight=8.0)))
+    (held_out,) = [s for s in tasks.evaluation_sets(config, text_split, 128) if s.name == "passkey"]
+    assert (held_out.examples[0]["loss_mask"] == 1).all()  # held-out loss: every token once
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=f"passkey.answer_weight: expected a finite number > 0, received {bad!r}"):
+            PasskeySpec(answer_weight=bad)
 
 
 def test_mixing_is_deterministic_and_keeps_the_fraction(text_split):

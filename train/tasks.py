@@ -3,7 +3,7 @@ associative-recall task, for training and for evaluation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sparsek_jax import data
@@ -66,7 +66,8 @@ def evaluation_sets(config: RunConfig, prepared: data.PreparedData, length: int,
                           split.bytes_per_token)]
     passkey = config.eval.passkey if config.eval.passkey is not None else d.passkey.fraction > 0
     if passkey:
-        sets.append(EvaluationSet("passkey", PasskeyExamples(split, prepared.tokenizer, length, spec=d.passkey,
+        unweighted = replace(d.passkey, answer_weight=1.0)  # held-out loss: every token counts once
+        sets.append(EvaluationSet("passkey", PasskeyExamples(split, prepared.tokenizer, length, spec=unweighted,
                                                              seed=d.seed, num_examples=examples, stratified=True),
                                   split.bytes_per_token))
     return sets

@@ -6,7 +6,7 @@ An example is a stretch of one document with a needle inserted at ``depth`` (a f
 ``answer_source`` points each of them at the same token in the needle, so accuracy can be read by depth and
 distance. Every piece is tokenized on its own, so the number's tokens are the same in the needle and the
 answer. Training mixes these into ordinary language-model batches (``MixedExamples``); the loss stays the
-language-model loss over every token.
+language-model loss over every token, with the answer's tokens weighted ``answer_weight`` times the text's.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class PasskeySpec:
     fraction: float = 0.0         # share of training sequences that carry a passkey (0: none)
     digits: int = 5               # digits of the number
     depth: float | None = None    # the needle's place in the text, 0 (start) to 1 (end); None: uniform
+    answer_weight: float = 1.0    # training loss weight of the answer's tokens against the text's (1: plain LM loss)
 
     def __post_init__(self):
         if not (isinstance(self.fraction, (int, float)) and math.isfinite(self.fraction)
@@ -36,13 +37,16 @@ class PasskeySpec:
             raise ValueError(f"passkey.digits: expected an int in [1, 18], received {self.digits!r}")
         if self.depth is not None and not (isinstance(self.depth, (int, float)) and 0.0 <= self.depth <= 1.0):
             raise ValueError(f"passkey.depth: expected null or a number in [0, 1], received {self.depth!r}")
+        if not (isinstance(self.answer_weight, (int, float)) and not isinstance(self.answer_weight, bool)
+                and math.isfinite(self.answer_weight) and self.answer_weight > 0):
+            raise ValueError(f"passkey.answer_weight: expected a finite number > 0, received {self.answer_weight!r}")
 
 
 class PasskeyExamples:
     """Random-access passkey examples of ``seq_len`` inputs from the documents of ``split``.
 
     Fields as ``PackedSequences`` (one document: ``segment_ids`` all 1, ``positions`` 0..seq_len-1),
-    ``loss_mask`` all 1 and ``answer_source``. With ``stratified`` the depths of examples ``0..n-1`` are
+    ``loss_mask`` (1 on the text, ``spec.answer_weight`` on the answer) and ``answer_source``. With ``stratified`` the depths of examples ``0..n-1`` are
     ``(i + 0.5) / n`` (evaluation), else ``spec.depth`` or uniform at random.
     """
 
@@ -87,7 +91,8 @@ class PasskeyExamples:
         source = np.full(self.seq_len, -1, np.int32)
         # Input position t predicts stream token t + 1; the answer's tokens copy the needle's first number.
         source[answer_start - 1:] = cut + len(self.intro) + np.arange(len(number))
-        return {"inputs": stream[:-1], "targets": stream[1:], "loss_mask": np.ones(self.seq_len, np.float32),
+        loss_mask = np.where(source >= 0, self.spec.answer_weight, 1.0).astype(np.float32)
+        return {"inputs": stream[:-1], "targets": stream[1:], "loss_mask": loss_mask,
                 "segment_ids": np.ones(self.seq_len, np.int32),
                 "positions": np.arange(self.seq_len, dtype=np.int32), "answer_source": source}
 
