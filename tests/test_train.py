@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -20,7 +21,7 @@ from builders import write_text_corpus
 
 from sparsek_jax.nn import TransformerLM
 from sparsek_train.config import ConfigError, load_config
-from sparsek_train import evaluate, generate_cli, plot
+from sparsek_train import app, evaluate, generate_cli, plot
 from sparsek_train.trainer import train
 
 ROOT = Path(__file__).parent.parent
@@ -146,6 +147,33 @@ def test_resumed_run_has_the_same_losses(corpus, tmp_path, data_dir):
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
 
 
+def test_the_learning_rate_is_an_argument_of_the_step_and_follows_adamw():
+    # AdamW at the scheduled rate, update for update; and one compiled update for every schedule (a resumed run
+    # trained further, a sweep over rates) since the rate is not a constant of the program.
+    configs = [load_config(ROOT / "configs/demo.yaml", overrides) for overrides in (
+        ["train.steps=7", "train.warmup_steps=2", "train.grad_clip=0.5"],
+        ["train.steps=70", "train.warmup_steps=20", "train.grad_clip=0.5", "train.learning_rate=0.3"])]
+    config, t = configs[0], configs[0].train
+    schedule = app.learning_rate_schedule(config)
+    rates = app.learning_rates(config)
+    np.testing.assert_allclose(rates, [float(schedule(i)) for i in range(7)], rtol=1e-6)
+    assert rates[0] == 0 and rates[2] == pytest.approx(t.learning_rate)
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones((4,))}
+    grads = {"w": jnp.linspace(0.5, -2, 12).reshape(3, 4), "b": jnp.full((4,), -0.2)}
+    adamw = optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adamw(
+        schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask={"w": True, "b": False}))
+    ours = app.optimizer_transform(config)
+    state, expected_state = ours.init(params), adamw.init(params)
+    for step in range(4):
+        updates, state = ours.update(grads, state, params, learning_rate=rates[step])
+        expected, expected_state = adamw.update(grads, expected_state, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), updates, expected)
+        params = optax.apply_updates(params, updates)
+    lowered = [jax.jit(lambda g, s, p, lr, tx=app.optimizer_transform(c): tx.update(g, s, p, learning_rate=lr))
+               .lower(grads, state, params, rates[1]).as_text() for c in configs]
+    assert lowered[0] == lowered[1]
+
+
 SHARDED_SCRIPT = r"""
 import json, sys
 import jax
@@ -162,13 +190,14 @@ specs = {"q_proj": attention.q_proj[...].sharding.spec, "embed": session.model.e
 packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
 iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=0))
 step = make_train_step(config.train.accumulate)
+rates = app.learning_rates(config)
 with activate(session.mesh):
     losses = []
     for _ in range(2):
         batch = data.global_batch(next(iterator), session.batch_sharding)
         if not losses:
-            hlo = step.lower(session.model, session.optimizer, batch).compile().as_text()
-        losses.append(float(step(session.model, session.optimizer, batch)["loss"]))
+            hlo = step.lower(session.model, session.optimizer, batch, rates[0]).compile().as_text()
+        losses.append(float(step(session.model, session.optimizer, batch, rates[len(losses)])["loss"]))
     specs["batch"] = batch["inputs"].sharding.spec
 print(json.dumps({"devices": jax.device_count(), "mesh": dict(session.mesh.shape), "losses": losses,
                   "specs": {k: str(v) for k, v in specs.items()},

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -42,15 +44,34 @@ def learning_rate_schedule(config: RunConfig):
         decay_steps=t.steps, end_value=t.learning_rate * t.min_learning_rate_ratio)
 
 
+def learning_rates(config: RunConfig) -> np.ndarray:
+    """float32 ``[train.steps]``: the learning rate of every update (``learning_rate_schedule`` at the number
+    of updates before it), computed once on the host."""
+    return np.asarray(jax.vmap(learning_rate_schedule(config))(jnp.arange(config.train.steps)), np.float32)
+
+
+def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:
+    """Multiplies the updates by the ``learning_rate`` passed to ``update`` (a scalar array)."""
+
+    def update(updates, state, params=None, *, learning_rate, **extra_args):
+        del params, extra_args
+        return jax.tree.map(lambda u: (learning_rate * u).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def optimizer_transform(config: RunConfig):
-    """AdamW with warmup + cosine decay and global-norm clipping; no weight decay on vectors (norm scales).
-    A step whose gradients are not finite changes nothing (``optax.apply_if_finite``); the training loop then
-    stops or skips it (``train.on_nonfinite``)."""
+    """AdamW with global-norm clipping; no weight decay on vectors (norm scales). The learning rate is an
+    argument of every update (``optimizer.update(model, grads, learning_rate=...)``, from ``learning_rates``)
+    rather than a schedule compiled into the step, so a run that changes its length, warmup or peak rate
+    (a resumed run trained further, a sweep) reuses the compiled step. A step whose gradients are not finite
+    changes nothing (``optax.apply_if_finite``); the training loop then stops or skips it
+    (``train.on_nonfinite``)."""
     t = config.train
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     steps = [optax.clip_by_global_norm(t.grad_clip),
-             optax.adamw(learning_rate_schedule(config), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay,
-                         mask=decay_mask)]
+             optax.adamw(1.0, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask),
+             scale_by_learning_rate_argument()]
     if t.scorer_learning_rate_scale != 1.0:
         steps.append(optax.masked(optax.scale(t.scorer_learning_rate_scale),
                                   lambda params: jax.tree_util.tree_map_with_path(

@@ -48,11 +48,12 @@ def next_token_loss(model, batch, teacher: bool = False):
 def make_train_step(accumulate: int, *, teacher: bool = False):
     """One optimizer step; with ``accumulate > 1`` the batch is split into microbatches whose gradients are
     averaged under ``lax.scan`` (one microbatch's activations alive at a time). ``teacher``: a scorer
-    distillation step (``next_token_loss``)."""
+    distillation step (``next_token_loss``). ``learning_rate``: a float32 scalar (``app.learning_rates``), an
+    argument rather than a constant so that one compiled step serves every schedule."""
     loss_fn = lambda model, batch: next_token_loss(model, batch, teacher)
 
     @nnx.jit(donate_argnums=(0, 1))
-    def train_step(model, optimizer, batch):
+    def train_step(model, optimizer, batch, learning_rate):
         if accumulate == 1:
             (_, (loss, distill)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
         else:
@@ -73,7 +74,8 @@ def make_train_step(accumulate: int, *, teacher: bool = False):
         grad_norm = optax.tree.norm(grads)
         # Whether the scorers learn at all: a key outside every query's top-k sends them no gradient.
         scorer_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if app.is_scorer(path)]
-        optimizer.update(model, grads)  # applies nothing unless the gradients are finite (optimizer_transform)
+        # Applies nothing unless the gradients are finite (optimizer_transform).
+        optimizer.update(model, grads, learning_rate=learning_rate)
         return {"loss": loss, "distill_loss": distill, "grad_norm": grad_norm,
                 "scorer_grad_norm": optax.tree.norm(scorer_grads) if scorer_grads else None,
                 "finite": jnp.isfinite(loss) & jnp.isfinite(distill) & jnp.isfinite(grad_norm)}
@@ -260,7 +262,7 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
     metrics.keep_until(step if restored is not None else -1)  # a fresh run keeps nothing of an earlier try
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_per_step, peak = _describe(session, examples, log), peak_flops()
-    schedule = app.learning_rate_schedule(config)
+    learning_rates = app.learning_rates(config)
     train_steps = {teacher: make_train_step(t.accumulate, teacher=teacher) for teacher in (False, True)}
     evaluation = _Evaluation(session, metrics)
     stop = _StopRequest()
@@ -275,7 +277,7 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
             while step < t.steps and not stopping:
                 batch = data.global_batch(next(iterator), session.batch_sharding)
                 teacher = step < t.scorer_distill_steps  # compiled only if used
-                out = train_steps[teacher](session.model, session.optimizer, batch)
+                out = train_steps[teacher](session.model, session.optimizer, batch, learning_rates[step])
                 step += 1
                 interval_steps += 1
                 watch.update(step, out)
@@ -286,7 +288,7 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
                     last = {"step": step, "loss": loss, "grad_norm": float(out["grad_norm"]),
-                            "learning_rate": float(schedule(step - 1)),
+                            "learning_rate": float(learning_rates[step - 1]),
                             "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
                             "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
                                     if peak else None)}
