@@ -63,6 +63,10 @@ def budget(topk: int, window: int) -> dict[str, tuple[str, ...]]:
     return {"*": (f"model.topk={topk}", f"model.window={window}"), "sliding": (f"model.window={window + topk}",)}
 
 
+PASSKEY_128 = (*budget(16, 16)["*"], "data.seq_len=128", "data.eval_seq_len=128", "eval.lengths=[128]",
+               "data.passkey.fraction=1")
+PASSKEY_DIAGNOSIS = ("sparsek+scorer_lr", "sparsek+topk32")
+
 EXPERIMENTS = {
     # 16 pairs at the start, queries at the end, every query beyond the reach of window + topk. The layer that
     # reaches back needs the 16 values (the window joins each to its key): topk 32 holds values and keys, 16
@@ -71,7 +75,17 @@ EXPERIMENTS = {
                                                           "topk8": budget(8, 16)}, THREE_SEEDS),
     # Distances log-uniform up to 126: accuracy by distance; 2 x pairs = topk.
     "recall_random": Experiment("recall_random", ARMS, {"topk32": budget(32, 16)}, THREE_SEEDS),
-    "passkey": Experiment("passkey", ("dense", "sliding", "sparsek"), {"topk16": budget(16, 16)}),
+    # topk16: the configs as they are (256 tokens, half the sequences with a passkey, 1,500 steps: dense
+    # attention does not learn to retrieve); len128: 128 tokens, a passkey in every sequence, 3,000 steps;
+    # answers128: the same with the answer weighted 20 times in the loss (dense only). Diagnosis arms on
+    # len128: a scorer learning 10 times faster, twice the budget.
+    "passkey": Experiment("passkey", ("dense", "sliding", "sparsek", *PASSKEY_DIAGNOSIS), {
+        "topk16": {**budget(16, 16), **dict.fromkeys(PASSKEY_DIAGNOSIS)},
+        "len128": {**budget(16, 16), "*": (*PASSKEY_128, "train.steps=3000")},
+        "answers128": {"*": (*PASSKEY_128, "data.passkey.answer_weight=20", "train.steps=3000"),
+                       **dict.fromkeys(("sliding", "sparsek", *PASSKEY_DIAGNOSIS))}},
+        arm_overrides={"sparsek+scorer_lr": ("train.scorer_learning_rate_scale=10",),
+                       "sparsek+topk32": ("model.topk=32",)}),
     # Why SparseK starts slowly, on blocked recall with the sufficient budget: each arm changes one thing
     # against the defaults (zero-initialised scorer, position slope 1e-3, value gates, one learning rate).
     # Trained on far queries alone (no random-layout sequences), where the cold start shows; 1,500 steps.
@@ -176,7 +190,9 @@ def main(argv=None) -> int:
 
     print(long_range_report.summary(results))
     print()
-    print(long_range_report.distance_table(results))
+    print(long_range_report.bucket_table(results, "distance"))
+    print()
+    print(long_range_report.bucket_table(results, "depth"))
     for png in long_range_report.plots(results, args.plots, f"{args.experiment}_{'gpu' if args.gpu else 'cpu'}"):
         print(f"wrote {png}")
     return 0

@@ -49,17 +49,19 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def distance_table(results: dict) -> str:
-    """Markdown: accuracy by distance bucket (columns) per variant and arm (mean over seeds)."""
+def bucket_table(results: dict, by: str = "distance") -> str:
+    """Markdown: answer accuracy by bucket (columns) per variant and arm (mean over seeds); ``by``:
+    ``"distance"`` (from the answer's source) or ``"depth"`` (where the sequence's first source lies, as a
+    fraction of its length: the passkey's depth)."""
     groups = _groups(results)
-    buckets = list(dict.fromkeys(b["distance"] for runs in groups.values() for r in runs
-                                 for b in (_answers(r) or {"by_distance": []})["by_distance"]))
+    field = f"by_{by}"
+    rows = lambda run: (_answers(run) or {field: []})[field]
+    buckets = list(dict.fromkeys(b[by] for runs in groups.values() for r in runs for b in rows(r)))
     lines = ["| variant | arm | " + " | ".join(buckets) + " |", "|---" * (len(buckets) + 2) + "|"]
     for (variant, arm), runs in groups.items():
         cells = []
         for bucket in buckets:
-            values = [b["accuracy"] for r in runs for b in (_answers(r) or {"by_distance": []})["by_distance"]
-                      if b["distance"] == bucket]
+            values = [b["accuracy"] for r in runs for b in rows(r) if b[by] == bucket]
             cells.append(f"{np.mean(values):.2f}" if values else "-")
         lines.append(f"| {variant} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
