@@ -46,8 +46,9 @@ class PasskeyExamples:
     """Random-access passkey examples of ``seq_len`` inputs from the documents of ``split``.
 
     Fields as ``PackedSequences`` (one document: ``segment_ids`` all 1, ``positions`` 0..seq_len-1),
-    ``loss_mask`` (1 on the text, ``spec.answer_weight`` on the answer) and ``answer_source``. With ``stratified`` the depths of examples ``0..n-1`` are
-    ``(i + 0.5) / n`` (evaluation), else ``spec.depth`` or uniform at random.
+    ``loss_mask`` (1 on the text, ``spec.answer_weight`` on the answer) and ``answer_source``. With
+    ``stratified`` the depths of examples ``0..n-1`` are ``(i + 0.5) / n`` (evaluation), else ``spec.depth``
+    or uniform at random.
     """
 
     def __init__(self, split: TokenizedSplit, tokenizer, seq_len: int, *, spec: PasskeySpec, seed: int,
