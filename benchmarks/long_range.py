@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = "configs/experiments"
@@ -54,8 +56,9 @@ class Experiment:
         return f"{CONFIGS}/{self.task}_{arm.split('+')[0]}{'_gpu' if gpu else ''}.yaml"
 
 
-ARMS = ("dense", "sliding", "sparsek", "sparsek_hard", "block_topk")
-THREE_SEEDS = {"sparsek": (0, 1, 2)}
+ARMS = ("dense", "sliding", "sparsek", "sparsek_hard", "block_topk", "sparsek+logit")
+THREE_SEEDS = {"sparsek": (0, 1, 2), "sparsek+logit": (0, 1, 2)}
+LOGIT_GATES = {"sparsek+logit": ("model.gate=logit",)}
 
 
 def budget(topk: int, window: int) -> dict[str, tuple[str, ...]]:
@@ -71,19 +74,20 @@ EXPERIMENTS = {
     # 16 pairs at the start, queries at the end, every query beyond the reach of window + topk. The layer that
     # reaches back needs the 16 values (the window joins each to its key): topk 32 holds values and keys, 16
     # the values alone, 8 half of them (the budget binds).
+    # SparseK with logit gates (sparsek+logit) beside the default value gates.
     "recall_blocked": Experiment("recall_blocked", ARMS, {"topk32": budget(32, 16), "topk16": budget(16, 16),
-                                                          "topk8": budget(8, 16)}, THREE_SEEDS),
+                                                          "topk8": budget(8, 16)}, THREE_SEEDS, LOGIT_GATES),
     # Distances log-uniform up to 126: accuracy by distance; 2 x pairs = topk.
-    "recall_random": Experiment("recall_random", ARMS, {"topk32": budget(32, 16)}, THREE_SEEDS),
+    "recall_random": Experiment("recall_random", ARMS, {"topk32": budget(32, 16)}, THREE_SEEDS, LOGIT_GATES),
     # topk16: the configs as they are (256 tokens, half the sequences with a passkey, 1,500 steps: dense
-    # attention does not learn to retrieve); len128: 128 tokens, a passkey in every sequence, 3,000 steps;
-    # answers128: the same with the answer weighted 20 times in the loss (dense only). Diagnosis arms on
-    # len128: a scorer learning 10 times faster, twice the budget, logit gates.
+    # attention does not learn to retrieve, so only dense and sliding ran); len128: 128 tokens, a passkey in
+    # every sequence, 3,000 steps; answers128: the same with the answer weighted 20 times in the loss (dense
+    # only). Diagnosis arms on len128: a scorer learning 10 times faster, twice the budget, logit gates.
     "passkey": Experiment("passkey", ("dense", "sliding", "sparsek", *PASSKEY_DIAGNOSIS), {
-        "topk16": {**budget(16, 16), **dict.fromkeys(PASSKEY_DIAGNOSIS)},
+        "topk16": {**budget(16, 16), **dict.fromkeys(("sparsek", *PASSKEY_DIAGNOSIS))},
         "len128": {**budget(16, 16), "*": (*PASSKEY_128, "train.steps=3000")},
         "answers128": {"*": (*PASSKEY_128, "data.passkey.answer_weight=20", "train.steps=3000"),
-                       **dict.fromkeys(("sliding", "sparsek", *PASSKEY_DIAGNOSIS))}},
+                       **dict.fromkeys(("sliding", "sparsek", *PASSKEY_DIAGNOSIS))}}, THREE_SEEDS,
         arm_overrides={"sparsek+scorer_lr": ("train.scorer_learning_rate_scale=10",),
                        "sparsek+topk32": ("model.topk=32",), "sparsek+logit": ("model.gate=logit",)}),
     # Why SparseK starts slowly, on blocked recall with the sufficient budget: each arm changes one thing
@@ -119,6 +123,17 @@ def curve(run_dir: Path) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def check_finished(run_dir: Path) -> None:
+    """Raises unless the run trained all its configured steps: a trainer stopped by a signal saves a checkpoint
+    and exits 0 (rerunning resumes it), and an unfinished run must not be recorded as a result."""
+    steps = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"]
+    evaluated = [r["step"] for r in curve(run_dir) if "eval_loss" in r]
+    if steps not in evaluated:
+        reached = max((r["step"] for r in curve(run_dir)), default=0)
+        raise RuntimeError(f"the run in {run_dir} stopped at step {reached} of train.steps={steps} (interrupted?); "
+                           "not recorded. Run the same command again to resume it.")
+
+
 def run_one(experiment: Experiment, name: str, variant: str, arm: str, seed: int, overrides: tuple[str, ...], *,
             run_root: Path, extra: tuple[str, ...], skip: set[str], gpu: bool) -> dict | None:
     """Trains and evaluates one run; None if its command is in ``skip`` (done before)."""
@@ -130,6 +145,7 @@ def run_one(experiment: Experiment, name: str, variant: str, arm: str, seed: int
     start = time.perf_counter()
     cli("sparsek-train", args)
     train_s = time.perf_counter() - start
+    check_finished(run_dir)
     cli("sparsek-eval", [*args, f"checkpoint={run_dir}",
                          f"eval.output={run_dir / 'eval.json'}"])
     report = json.loads((run_dir / "eval.json").read_text())

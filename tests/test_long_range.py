@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.long_range import EXPERIMENTS
+from benchmarks.long_range import EXPERIMENTS, check_finished
 from builders import write_text_corpus
 
 ROOT = Path(__file__).parent.parent
@@ -59,3 +59,20 @@ def test_experiment_runs_end_to_end(tmp_path, texts, experiment, arm, extra):
     if experiment == "recall_blocked":  # run again: the finished run is in the results, not trained again
         again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert again.returncode == 0 and "in results.json already" in again.stdout
+
+
+def test_an_interrupted_run_is_not_recorded(tmp_path):
+    """A trainer stopped by a signal exits 0 after saving a checkpoint: the experiment must notice that the run
+    did not reach its configured steps (no final evaluation at that step) rather than record it."""
+    (tmp_path / "config.yaml").write_text("train:\n  steps: 10\n")
+    lines = [{"step": 4, "loss": 3.0}, {"step": 5, "eval_loss": 3.1}, {"step": 8, "loss": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(RuntimeError, match="stopped at step 8 of train.steps=10"):
+        check_finished(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"step": 10, "loss": 2.4}) + "\n")
+    with pytest.raises(RuntimeError, match="stopped at step 10"):  # the last step trained, never evaluated
+        check_finished(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"step": 10, "eval_loss": 2.6}) + "\n")
+    check_finished(tmp_path)
