@@ -68,7 +68,7 @@ def budget(topk: int, window: int) -> dict[str, tuple[str, ...]]:
 
 PASSKEY_128 = (*budget(16, 16)["*"], "data.seq_len=128", "data.eval_seq_len=128", "eval.lengths=[128]",
                "data.passkey.fraction=1")
-PASSKEY_DIAGNOSIS = ("sparsek+scorer_lr", "sparsek+topk32", "sparsek+logit")
+PASSKEY_DIAGNOSIS = ("sparsek+scorer_lr", "sparsek+topk32", "sparsek+logit", "sliding+48")
 
 EXPERIMENTS = {
     # 16 pairs at the start, queries at the end, every query beyond the reach of window + topk. The layer that
@@ -82,14 +82,16 @@ EXPERIMENTS = {
     # topk16: the configs as they are (256 tokens, half the sequences with a passkey, 1,500 steps: dense
     # attention does not learn to retrieve, so only dense and sliding ran); len128: 128 tokens, a passkey in
     # every sequence, 3,000 steps; answers128: the same with the answer weighted 20 times in the loss (dense
-    # only). Diagnosis arms on len128: a scorer learning 10 times faster, twice the budget, logit gates.
+    # only). Diagnosis arms on len128: a scorer learning 10 times faster, twice the budget, logit gates, and
+    # the sliding window at twice the budget's keys (16 + 32).
     "passkey": Experiment("passkey", ("dense", "sliding", "sparsek", *PASSKEY_DIAGNOSIS), {
         "topk16": {**budget(16, 16), **dict.fromkeys(("sparsek", *PASSKEY_DIAGNOSIS))},
         "len128": {**budget(16, 16), "*": (*PASSKEY_128, "train.steps=3000")},
         "answers128": {"*": (*PASSKEY_128, "data.passkey.answer_weight=20", "train.steps=3000"),
                        **dict.fromkeys(("sliding", "sparsek", *PASSKEY_DIAGNOSIS))}}, THREE_SEEDS,
         arm_overrides={"sparsek+scorer_lr": ("train.scorer_learning_rate_scale=10",),
-                       "sparsek+topk32": ("model.topk=32",), "sparsek+logit": ("model.gate=logit",)}),
+                       "sparsek+topk32": ("model.topk=32",), "sparsek+logit": ("model.gate=logit",),
+                       "sliding+48": ("model.window=48",)}),
     # Why SparseK starts slowly, on blocked recall with the sufficient budget: each arm changes one thing
     # against the defaults (zero-initialised scorer, position slope 1e-3, value gates, one learning rate).
     # Trained on far queries alone (no random-layout sequences), where the cold start shows; 1,500 steps.
