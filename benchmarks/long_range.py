@@ -192,9 +192,13 @@ def main(argv=None) -> int:
     arms, variants = pick(args.arms), pick(args.variants)
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     done = {r["command"] for r in results["runs"]}
-    for variant, arm, seed, overrides in experiment.runs(seeds):
-        if args.report_only or (arms and arm not in arms) or (variants and variant not in variants):
-            continue
+    selected = [(variant, arm, seed, overrides) for variant, arm, seed, overrides in experiment.runs(seeds)
+                if (not arms or arm in arms) and (not variants or variant in variants)]
+    if not selected and not args.report_only:
+        pairs = ", ".join(dict.fromkeys(f"{variant}/{arm}" for variant, arm, *_ in experiment.runs()))
+        parser.error(f"no run of {args.experiment} has --arms {args.arms} and --variants {args.variants}; "
+                     f"its runs (variant/arm): {pairs}")
+    for variant, arm, seed, overrides in [] if args.report_only else selected:
         record = run_one(experiment, args.experiment, variant, arm, seed, overrides, run_root=args.runs,
                          extra=tuple(args.override), skip=done, gpu=args.gpu)
         if record is None:

@@ -78,6 +78,8 @@ def plots(results: dict, directory: Path, name: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     groups = _groups(results)
     variants = list(dict.fromkeys(v for v, _ in groups))
+    if not variants:
+        return []
     accuracy_key = next((k for r in results["runs"] for c in r["curve"] for k in c
                          if k.endswith("_accuracy") and "sequence" not in k), None)
     fig, axes = plt.subplots(len(variants), 2, figsize=(12, 3.8 * len(variants)), squeeze=False,

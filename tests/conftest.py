@@ -16,6 +16,8 @@ os.environ["SPARSEK_TEST_SEED"] = str(_SESSION_SEED)  # pytest-xdist workers inh
 # Many tests (and the subprocesses the app tests start) compile the same tiny train and eval steps; one
 # persistent compilation cache for the session, shared by the xdist workers through the environment, compiles
 # each program once. A fresh directory per session, so no executable outlives the code that built it.
+# jax reads these variables when it is imported: a pytest plugin that imports jax before this file loads
+# runs the session without the cache (and times every repeated compile).
 _OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsek-tests-jax-cache-")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.long_range import EXPERIMENTS, check_finished
+from benchmarks.long_range import EXPERIMENTS, check_finished, main
 from builders import write_text_corpus
 
 ROOT = Path(__file__).parent.parent
@@ -36,7 +36,7 @@ def test_experiment_runs_end_to_end(tmp_path, texts, experiment, arm, extra):
     if experiment == "passkey":
         extra = extra + [f"data.source_path={texts}", f"data.data_dir={tmp_path / 'data'}"]
     results = tmp_path / "results.json"
-    variant = next(iter(EXPERIMENTS[experiment].variants))
+    variant = next(v for v, a, *_ in EXPERIMENTS[experiment].runs() if a == arm)
     command = [sys.executable, "-m", "benchmarks.long_range", experiment, "--arms", arm, "--seeds", "0",
                "--variants", variant,
                "--results", str(results), "--runs", str(tmp_path / "runs"), "--plots", str(tmp_path / "plots")]
@@ -76,3 +76,12 @@ def test_an_interrupted_run_is_not_recorded(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as metrics:
         metrics.write(json.dumps({"step": 10, "eval_loss": 2.6}) + "\n")
     check_finished(tmp_path)
+
+
+def test_a_selection_without_runs_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # passkey's topk16 variant ran dense and sliding only
+        main(["passkey", "--arms", "sparsek", "--variants", "topk16", "--results", str(tmp_path / "r.json")])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert "no run of passkey has --arms sparsek and --variants topk16" in message and "len128/sparsek" in message
+    assert not (tmp_path / "r.json").exists()
