@@ -90,7 +90,7 @@ EXPERIMENTS = {
         "answers128": {"*": (*PASSKEY_128, "data.passkey.answer_weight=20", "train.steps=3000"),
                        **dict.fromkeys(("sliding", "sparsek", *PASSKEY_DIAGNOSIS))}}, THREE_SEEDS,
         arm_overrides={"sparsek+scorer_lr": ("train.scorer_learning_rate_scale=10",),
-                       "sparsek+topk32": ("model.topk=32",), "sparsek+logit": ("model.gate=logit",),
+                       "sparsek+topk32": ("model.topk=32",), **LOGIT_GATES,
                        "sliding+48": ("model.window=48",)}),
     # Why SparseK starts slowly, on blocked recall with the sufficient budget: each arm changes one thing
     # against the defaults (zero-initialised scorer, position slope 1e-3, value gates, one learning rate).
@@ -103,7 +103,7 @@ EXPERIMENTS = {
         arm_overrides={"sparsek+slope0": ("model.position_slope=0",),
                        "sparsek+init": ("model.scorer_init_std=0.1",),
                        "sparsek+scorer_lr": ("train.scorer_learning_rate_scale=10",),
-                       "sparsek+logit": ("model.gate=logit",),
+                       **LOGIT_GATES,
                        "sparsek+distill": ("train.scorer_distill_steps=500",)}),
 }
 
@@ -129,9 +129,9 @@ def check_finished(run_dir: Path) -> None:
     """Raises unless the run trained all its configured steps: a trainer stopped by a signal saves a checkpoint
     and exits 0 (rerunning resumes it), and an unfinished run must not be recorded as a result."""
     steps = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["steps"]
-    evaluated = [r["step"] for r in curve(run_dir) if "eval_loss" in r]
-    if steps not in evaluated:
-        reached = max((r["step"] for r in curve(run_dir)), default=0)
+    records = curve(run_dir)
+    if not any(r["step"] == steps and "eval_loss" in r for r in records):
+        reached = max((r["step"] for r in records), default=0)
         raise RuntimeError(f"the run in {run_dir} stopped at step {reached} of train.steps={steps} (interrupted?); "
                            "not recorded. Run the same command again to resume it.")
 
@@ -192,13 +192,14 @@ def main(argv=None) -> int:
     arms, variants = pick(args.arms), pick(args.variants)
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
     done = {r["command"] for r in results["runs"]}
-    selected = [(variant, arm, seed, overrides) for variant, arm, seed, overrides in experiment.runs(seeds)
-                if (not arms or arm in arms) and (not variants or variant in variants)]
+    selected = [] if args.report_only else [
+        (variant, arm, seed, overrides) for variant, arm, seed, overrides in experiment.runs(seeds)
+        if (not arms or arm in arms) and (not variants or variant in variants)]
     if not selected and not args.report_only:
         pairs = ", ".join(dict.fromkeys(f"{variant}/{arm}" for variant, arm, *_ in experiment.runs()))
         parser.error(f"no run of {args.experiment} has --arms {args.arms} and --variants {args.variants}; "
                      f"its runs (variant/arm): {pairs}")
-    for variant, arm, seed, overrides in [] if args.report_only else selected:
+    for variant, arm, seed, overrides in selected:
         record = run_one(experiment, args.experiment, variant, arm, seed, overrides, run_root=args.runs,
                          extra=tuple(args.override), skip=done, gpu=args.gpu)
         if record is None:
