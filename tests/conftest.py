@@ -1,6 +1,7 @@
 """Shared fixtures. Random inputs come from a fixed default seed; ``SPARSEK_TEST_SEED=<n>`` picks another and
 ``SPARSEK_TEST_SEED=random`` draws a fresh one (fuzzing). Every failure prints the seed that replays it."""
 
+import faulthandler
 import os
 import shutil
 import tempfile
@@ -27,6 +28,17 @@ if _OWN_CACHE:
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    # A worker that dies in native code (a segfault in a compiled library) prints its stacks to a stderr that
+    # CI logs cut; with SPARSEK_FAULT_DIR set, each process also keeps them in a file that .ci/run prints.
+    fault_dir = os.environ.get("SPARSEK_FAULT_DIR")
+    if fault_dir:
+        name = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        config._sparsek_fault_log = open(os.path.join(fault_dir, f"fault-{name}-{os.getpid()}.log"), "w")
+        faulthandler.enable(file=config._sparsek_fault_log, all_threads=True)
 
 
 def pytest_report_header(config):
