@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -13,7 +14,9 @@ def masked_softmax(logits, allowed, axis: int = -1):
     """
     logits = jnp.where(allowed, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=axis, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    # The softmax does not depend on the shift, so it carries no gradient; differentiating through the max of a
+    # row holding -inf made NaN under some compilations (LLVM -O0 on CPU).
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
     total = jnp.sum(weights, axis=axis, keepdims=True)
     has_keys = total > 0
