@@ -7,6 +7,7 @@ shares with the blocked thresholds (``thresholds.py``) only the selection rule (
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -42,14 +43,20 @@ def attention_pattern(scores: jax.Array, *, topk: int, window: int,
     Meant for small ``seq`` (tests, plots, the reference implementation).
     """
     topk, window = validation.check_selection_args(scores, topk, window, segment_ids)
-    batch, seq, kv_heads = scores.shape
+    return _dense_pattern(jnp.asarray(scores), None if segment_ids is None else jnp.asarray(segment_ids),
+                          topk=topk, window=window)
 
-    u = jnp.moveaxis(jnp.asarray(scores, jnp.float32), 2, 1)[:, :, None, :]  # [batch, kv_heads, 1, seq_k]
+
+# One program per (shapes, topk, window): called eagerly, its few dozen operations would each compile alone.
+@functools.partial(jax.jit, static_argnames=("topk", "window"))
+def _dense_pattern(scores, segment_ids, *, topk: int, window: int) -> AttentionPattern:
+    batch, seq, kv_heads = scores.shape
+    u = jnp.moveaxis(scores.astype(jnp.float32), 2, 1)[:, :, None, :]  # [batch, kv_heads, 1, seq_k]
     i = jnp.arange(seq)[:, None]
     j = jnp.arange(seq)[None, :]
     same_doc = jnp.ones((batch, 1, seq, seq), bool)
     if segment_ids is not None:
-        docs = document_index(jnp.asarray(segment_ids))
+        docs = document_index(segment_ids)
         same_doc = (docs[:, :, None] == docs[:, None, :])[:, None]
     in_window = same_doc & (j <= i) & (j > i - window)
     candidate = same_doc & (j <= i - window)
