@@ -159,6 +159,8 @@ def _attention_bwd(cfg: _Config, residuals, d_out):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+# Called outside jit, the forward and the backward each compile as one program (not operation by operation).
+_compiled_attention = jax.jit(_attention, static_argnums=(5,))
 
 
 def _current_mesh_axes(axes: MeshAxes | None):
@@ -185,7 +187,7 @@ def blocked_attention(q, k, v, scores, segments, *, topk: int, window: int, gate
     cfg = _Config(topk, window, gate, float(scale), implementation, block_sizes, buffer_size, interpret)
     split = _current_mesh_axes(mesh_axes)
     if split is None:
-        return _attention(q, k, v, scores, segments, cfg)
+        return _compiled_attention(q, k, v, scores, segments, cfg)
     batch, heads, mesh = split
     for name, size, axis in (("q", q.shape[0], batch), ("k", k.shape[2], heads and (heads,))):
         devices = math.prod(mesh.shape[a] for a in axis or ())
@@ -195,7 +197,7 @@ def blocked_attention(q, k, v, scores, segments, *, topk: int, window: int, gate
                              f"{axis}, received {size}")
     heads_spec = PartitionSpec(batch, None, heads, None)
     rows_spec = PartitionSpec(batch, None, heads)
-    run = jax.shard_map(lambda q, k, v, u, s: _attention(q, k, v, u, s, cfg), mesh=mesh,
+    run = jax.shard_map(lambda q, k, v, u, s: _compiled_attention(q, k, v, u, s, cfg), mesh=mesh,
                         in_specs=(heads_spec, heads_spec, heads_spec, rows_spec, PartitionSpec(batch, None)),
                         out_specs=heads_spec, check_vma=False)
     return run(q, k, v, scores, segments)
