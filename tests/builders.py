@@ -1,8 +1,17 @@
 """Random inputs for the tests and the comparison every fast path makes against the reference."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def cpu_devices_env(devices: int, **extra) -> dict:
+    """The environment of a subprocess that sees ``devices`` CPU devices, keeping the session's XLA flags (the
+    tests' compile level) and adding ``extra``."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
 def write_text_corpus(root, documents: int, words_per_document: int):

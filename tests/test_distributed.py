@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builders import write_text_corpus
+from builders import cpu_devices_env, write_text_corpus
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def launch(processes: int, run_dir, overrides, *extra, timeout=600, wait=True):
                str(4 // processes), "--grace", "30", str(ROOT / "configs/demo.yaml"), *overrides,
                f"train.run_dir={run_dir}", *extra]
     if processes == 1:  # one process, four devices, no distributed runtime: the reference
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        env = cpu_devices_env(4)
         command = [sys.executable, "-m", "sparsek_train.trainer", str(ROOT / "configs/demo.yaml"), *overrides,
                    f"train.run_dir={run_dir}", *extra]
     else:
@@ -137,8 +137,8 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path, overrides):
                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
     processes = []
     for index, rate in enumerate(("0.01", "0.02")):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
+        env = cpu_devices_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                              JAX_PROCESS_ID=str(index))
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "sparsek_train.trainer", str(ROOT / "configs/demo.yaml"), *overrides,
              f"train.run_dir={tmp_path / 'run'}", "train.distributed=true", f"train.learning_rate={rate}"],
@@ -160,7 +160,7 @@ copies = [jax.device_put(np.full(3, v, np.float32), d) for v, d in zip((1.0, 2.0
 differ = jax.make_array_from_single_device_arrays((3,), sharding, copies)
 print(replica_mismatches({"same": same, "differ": differ}))
 """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = cpu_devices_env(2)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

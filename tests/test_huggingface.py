@@ -3,7 +3,6 @@ tests/fixtures/huggingface/make_fixtures.py), export -> import round trips, conv
 kinds, and the errors for checkpoints that do not fit."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from safetensors import safe_open
 from sparsek_jax.nn import TransformerLM
 from sparsek_jax.nn import huggingface as hf
 from sparsek_jax.nn.config import ModelConfig
+
+from builders import cpu_devices_env
 
 FIXTURES = Path(__file__).parent / "fixtures" / "huggingface"
 TOKENS = np.load(FIXTURES / "tokens.npy")
@@ -259,7 +260,7 @@ with activate(mesh):
             np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
 print("ok")
 """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cpu_devices_env(8)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from builders import write_text_corpus
+from builders import cpu_devices_env, write_text_corpus
 
 from sparsek_jax.nn import TransformerLM
 from sparsek_train.config import ConfigError, load_config
@@ -212,7 +212,7 @@ def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernel
         overrides += ["model.implementation=pallas_gpu", "model.interpret=true", "model.num_layers=1"]
 
     def run(devices, mesh):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        env = cpu_devices_env(devices)
         result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(ROOT / "configs/demo.yaml"), *overrides,
                                  *mesh], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert result.returncode == 0, result.stderr[-3000:]

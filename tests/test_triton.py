@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import sparsek_jax as sk
-from builders import attention_inputs
+from builders import attention_inputs, cpu_devices_env
 from test_pallas_gpu import relative_error
 
 HERE = Path(__file__).parent
@@ -43,7 +43,7 @@ def test_interpreter_matches_xla_path(cases):
     # kernels' own; the end-to-end case runs the public function under jit and vjp, split over a 2 x 2 mesh of
     # CPU devices, against the dense reference.
     result = _run([str(HERE / "triton_interpreter_cases.py"), *cases],
-                  {"TRITON_INTERPRET": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, 900)
+                  cpu_devices_env(4, TRITON_INTERPRET="1"), 900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
