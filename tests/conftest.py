@@ -3,6 +3,8 @@
 
 import faulthandler
 import os
+import shutil
+import tempfile
 import zlib
 
 import numpy as np
@@ -12,10 +14,15 @@ _REQUESTED = os.environ.get("SPARSEK_TEST_SEED", "0")
 _SESSION_SEED = (int(np.random.SeedSequence().entropy % (2**32)) if _REQUESTED == "random" else int(_REQUESTED))
 os.environ["SPARSEK_TEST_SEED"] = str(_SESSION_SEED)  # pytest-xdist workers inherit the same seed
 
-# No persistent compilation cache: with one shared by the workers and the subprocesses, loading a large CPU
-# executable from it (a training step) crashed the test process now and then (a segfault inside
-# deserialize_executable, jax 0.11.2). Each process compiles what it runs.
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+# Many tests (and the subprocesses the app tests start) compile the same tiny train and eval steps; one
+# persistent compilation cache for the session, shared by the xdist workers through the environment, compiles
+# each program once. A fresh directory per session, so no executable outlives the code that built it.
+# jax reads these variables when it is imported: a pytest plugin that imports jax before this file loads
+# runs the session without the cache (and times every repeated compile).
+_OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsek-tests-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 # Compiling is most of the suite's time on CPU, and LLVM's optimisations take about 40% of each compile. XLA
@@ -23,6 +30,11 @@ os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 # training runs they start, which inherit the environment) compile at -O0 unless XLA_FLAGS names a level.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)
