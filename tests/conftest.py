@@ -2,6 +2,7 @@
 ``SPARSEK_TEST_SEED=random`` draws a fresh one (fuzzing). Every failure prints the seed that replays it."""
 
 import faulthandler
+import gc
 import os
 import shutil
 import tempfile
@@ -27,8 +28,10 @@ if _OWN_CACHE:
 
 # Compiling is most of the suite's time on CPU, and LLVM's optimisations take about 40% of each compile. XLA
 # enables no fast math, so the level changes the speed of the code, not its IEEE results: the tests (and the
-# training runs they start, which inherit the environment) compile at -O0 unless XLA_FLAGS names a level.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+# training runs they start, which inherit the environment) compile at -O0 unless XLA_FLAGS names a level. The
+# flag would reach a GPU's or TPU's compiles too, so machines with one keep the default.
+_ACCELERATOR = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/accel0", "/dev/vfio"))
+if not _ACCELERATOR and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
@@ -46,6 +49,20 @@ def pytest_configure(config):
         name = os.environ.get("PYTEST_XDIST_WORKER", "main")
         config._sparsek_fault_log = open(os.path.join(fault_dir, f"fault-{name}-{os.getpid()}.log"), "w")
         faulthandler.enable(file=config._sparsek_fault_log, all_threads=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Each test module's compiled programs are dropped when it ends (the tests within a module still share
+    them). A worker otherwise keeps every executable of the session loaded, gigabytes by the end; and, late in
+    sessions, workers died in native code four times, each in a test_train test, three times seen loading the
+    first training step's executable (XLA's compile-and-load, or a read from the compilation cache). Not
+    explained; smaller workers are the one difference that is cheap to make."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_report_header(config):
