@@ -16,8 +16,11 @@ IMPLEMENTATIONS = [("reference", {}), ("xla", {}), ("pallas_gpu", {"interpret": 
 
 
 def attention(implementation, extra, **options):
-    return jax.jit(lambda q, k, v, u: sk.sparsek_attention(q, k, v, u, implementation=implementation,
-                                                           block_sizes=sk.BlockSizes(block_q=8), **options, **extra))
+    """The jitted attention; document ids are an argument (not a constant of the program), so tests of the same
+    shapes share one compiled program."""
+    return jax.jit(lambda q, k, v, u, segment_ids=None: sk.sparsek_attention(
+        q, k, v, u, implementation=implementation, segment_ids=segment_ids, block_sizes=sk.BlockSizes(block_q=8),
+        **options, **extra))
 
 
 @pytest.mark.parametrize("bad", [-np.inf, np.inf, np.nan])
@@ -48,24 +51,25 @@ def test_large_scores_agree_on_every_path(rng, outlier):
     u = u.at[0, 4, 0].set(outlier)
     expected = sparsek_attention_np(q, k, v, u, topk=3, window=2, segment_ids=seg)
     for impl, extra in IMPLEMENTATIONS:
-        out = attention(impl, extra, topk=3, window=2, segment_ids=seg)(q, k, v, u)
+        out = attention(impl, extra, topk=3, window=2)(q, k, v, u, seg)
         np.testing.assert_allclose(np.asarray(out), expected, atol=5e-5, err_msg=impl)
 
 
 def test_document_ids_are_runs(rng):
-    q, k, v, u, _ = attention_inputs(rng, 1, 24, 2, 1, 8)
-    back = jnp.asarray([[0] * 8 + [1] * 8 + [0] * 8], jnp.int32)  # document 0 comes back
+    # (the shapes and options of test_large_scores_agree_on_every_path: the same compiled programs)
+    q, k, v, u, _ = attention_inputs(rng, 1, 30, 2, 1, 8)
+    back = jnp.asarray([[0] * 10 + [1] * 10 + [0] * 10], jnp.int32)  # document 0 comes back
     with pytest.raises(ValueError, match="segment_ids: expected contiguous runs .* received id 0 again at row 0, "
-                                         "position 16"):
+                                         "position 20"):
         sk.sparsek_attention(q, k, v, u, topk=3, window=2, segment_ids=back)
     with pytest.raises(ValueError, match="segment_ids: expected contiguous runs"):
         sk.prefix_thresholds(u, topk=3, window=2, segment_ids=back)
     # Under a trace a change of id starts a new document, on every path: the same as ids 0, 1, 2.
-    runs = jnp.asarray([[0] * 8 + [1] * 8 + [2] * 8], jnp.int32)
+    runs = jnp.asarray([[0] * 10 + [1] * 10 + [2] * 10], jnp.int32)
     for impl, extra in IMPLEMENTATIONS:
-        run = jax.jit(lambda seg: sk.sparsek_attention(q, k, v, u, topk=3, window=2, segment_ids=seg,
-                                                       implementation=impl, **extra))
-        np.testing.assert_array_equal(np.asarray(run(back)), np.asarray(run(runs)), err_msg=impl)
+        run = attention(impl, extra, topk=3, window=2)
+        np.testing.assert_array_equal(np.asarray(run(q, k, v, u, back)), np.asarray(run(q, k, v, u, runs)),
+                                      err_msg=impl)
 
 
 @pytest.mark.parametrize("kwargs, match", [
