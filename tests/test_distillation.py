@@ -79,9 +79,10 @@ def test_teacher_forward_trains_scorers_towards_what_the_model_reads(rng):
     dense = sknn.TransformerLM(sknn.ModelConfig(**{**config.__dict__, "attention": "dense"}), rngs=nnx.Rngs(1))
     shared = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if "scorer" not in map(str, p)]
     nnx.update(dense, nnx.from_flat_state(shared))
-    logits, loss = model.teacher_forward(tokens)
-    np.testing.assert_allclose(logits, dense(tokens), atol=1e-5)  # the sparsek layer attends densely
+    # (jitted: one program each instead of an eager compile per operation)
+    logits, loss = nnx.jit(lambda m, t: m.teacher_forward(t))(model, tokens)
+    np.testing.assert_allclose(logits, nnx.jit(lambda m, t: m(t))(dense, tokens), atol=1e-5)  # attends densely
     assert float(loss) > 0
-    grads = nnx.grad(lambda m: m.teacher_forward(tokens)[1])(model)
+    grads = nnx.jit(nnx.grad(lambda m, t: m.teacher_forward(t)[1]))(model, tokens)
     flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(grads)}
     assert all((float(jnp.abs(v[...]).max()) > 0) == ("scorer" in name) for name, v in flat.items())

@@ -84,18 +84,22 @@ def check_prefill_and_decode(rng, kinds, prompt, scan):
     assert all(bool(e.all()) for e in exact)
 
 
+# The sampled generation of the two tests below: one compiled program (same config, prompt shape and options).
+GENERATE_CONFIG = dict(num_layers=1, max_decode_length=16)
+SAMPLED = dict(max_new_tokens=5000, temperature=0.8, top_p=0.9)
+
+
 def test_sparsek_cache_size_is_constant(rng):
-    model = sknn.TransformerLM(small_config(num_layers=1, max_decode_length=16), rngs=nnx.Rngs(2))
+    model = sknn.TransformerLM(small_config(**GENERATE_CONFIG), rngs=nnx.Rngs(2))
     randomise_scorers(model, rng)
-    prompt = jnp.asarray(rng.integers(0, 61, size=(1, 8)), jnp.int32)
-    shapes = []
-    for new_tokens in (100, 5000):
-        tokens, cache = sknn.generate(model, prompt, new_tokens, temperature=1.0, rng=jax.random.key(3),
-                                      return_cache=True)
-        assert tokens.shape == (1, 8 + new_tokens)
-        assert int(cache[0].length) == 8 + new_tokens
-        shapes.append(jax.tree.map(lambda x: x.shape, cache))
-    assert shapes[0] == shapes[1]
+    prompt = jnp.asarray(rng.integers(0, 61, size=(2, 5)), jnp.int32)
+    new_tokens = SAMPLED["max_new_tokens"]
+    tokens, cache = sknn.generate(model, prompt, rng=jax.random.key(3), return_cache=True, **SAMPLED)
+    assert tokens.shape == (2, 5 + new_tokens)
+    assert int(cache[0].length) == 5 + new_tokens
+    # The fresh cache is the length-0 case: comparing with it needs no second generation (a second program).
+    shape = lambda x: x.shape
+    assert jax.tree.map(shape, cache) == jax.tree.map(shape, model.init_cache(2))
     assert sknn.cache_nbytes(cache) < 10_000
 
 
@@ -113,17 +117,22 @@ def test_dense_layers_use_cudnn_on_gpus_in_16_bits():
     assert dense_implementation("cudnn", jnp.float32, 64, backend="cpu") == "cudnn"  # asked for: JAX decides
 
 
-def test_one_training_step_moves_the_scorer(rng):
-    model = sknn.TransformerLM(small_config(), rngs=nnx.Rngs(4))
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
-    tokens = jnp.asarray(rng.integers(0, 61, size=(4, 33)), jnp.int32)
-
+@nnx.jit
+def loss_and_grads(model, tokens):
+    """Shared by the tests below: one compiled program per model config (tokens an argument, not a constant)."""
     def loss_fn(model):
         logits = model(tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
+    return nnx.value_and_grad(loss_fn)(model)
+
+
+def test_one_training_step_moves_the_scorer(rng):
+    model = sknn.TransformerLM(small_config(), rngs=nnx.Rngs(4))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    tokens = jnp.asarray(rng.integers(0, 61, size=(4, 33)), jnp.int32)
     before = [np.asarray(b.attention.scorer.w_score[...]).copy() for b in model.blocks]
-    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+    loss, grads = loss_and_grads(model, tokens)
     nnx.jit(lambda opt, m, g: opt.update(m, g))(optimizer, model, grads)
     assert np.isfinite(float(loss))
     for index, (block, old) in enumerate(zip(model.blocks, before)):
@@ -132,12 +141,11 @@ def test_one_training_step_moves_the_scorer(rng):
 
 
 def test_remat_policy_gives_the_same_gradients(rng):
-    tokens = jnp.asarray(rng.integers(0, 61, size=(2, 17)), jnp.int32)
+    # The plain model's program is the training step's above (same config and shapes), compiled once.
+    tokens = jnp.asarray(rng.integers(0, 61, size=(4, 33)), jnp.int32)
 
     def grads(config):
-        model = sknn.TransformerLM(config, rngs=nnx.Rngs(5))
-        loss = lambda m: jnp.mean(m(tokens) ** 2)
-        return nnx.jit(nnx.grad(loss))(model)
+        return loss_and_grads(sknn.TransformerLM(config, rngs=nnx.Rngs(5)), tokens)[1]
 
     plain = grads(small_config())
     remat = grads(small_config(remat="nothing_saveable"))
@@ -156,8 +164,13 @@ def test_layer_as_pure_function_of_its_parameters(rng):
     def apply(params, x):
         return nnx.merge(graphdef, params)(x, positions)
 
-    np.testing.assert_allclose(apply(params, x), layer(x, positions), atol=1e-6)
-    grads = jax.grad(lambda p: jnp.sum(apply(p, x) ** 2))(params)
+    def loss(params):
+        out = apply(params, x)
+        return jnp.sum(out ** 2), out
+
+    # The output comes from the differentiated call: a separate apply(params, x) would compile one more program.
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    np.testing.assert_allclose(out, layer(x, positions), atol=1e-6)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
 
 
@@ -180,15 +193,15 @@ def test_layer_inside_linen_through_the_bridge(rng):
 
 
 def test_generate_options(rng):
-    model = sknn.TransformerLM(small_config(num_layers=1), rngs=nnx.Rngs(7))
+    model = sknn.TransformerLM(small_config(**GENERATE_CONFIG), rngs=nnx.Rngs(7))
     prompt = jnp.asarray(rng.integers(0, 61, size=(2, 5)), jnp.int32)
     greedy = sknn.generate(model, prompt, 6)
     np.testing.assert_array_equal(greedy, sknn.generate(model, prompt, 6))
     np.testing.assert_array_equal(greedy[:, :5], prompt)
     # Greedy decoding picks the argmax of the full forward's next-token logits.
     np.testing.assert_array_equal(greedy[:, 5], jnp.argmax(nnx.jit(lambda m, t: m(t))(model, prompt)[:, -1], -1))
-    sampled = sknn.generate(model, prompt, 6, temperature=0.8, top_p=0.9, rng=jax.random.key(1))
-    assert sampled.shape == (2, 11) and int(sampled.max()) < 61
+    sampled = sknn.generate(model, prompt, rng=jax.random.key(1), **SAMPLED)
+    assert sampled.shape == (2, 5 + SAMPLED["max_new_tokens"]) and int(sampled.max()) < 61
     with pytest.raises(ValueError, match="top_p: expected a value in"):
         sknn.generate(model, prompt, 3, top_p=0.0)
 
