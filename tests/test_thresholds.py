@@ -208,7 +208,7 @@ KERNEL_CASES = [  # (seq, heads, topk, window, ties, segmented, block, chunk, dt
 
 @pytest.mark.parametrize("seq, heads, topk, window, ties, segmented, block, chunk, dtype", KERNEL_CASES)
 def test_pallas_kernels_match_xla_exactly(rng, seq, heads, topk, window, ties, segmented, block, chunk, dtype):
-    # The three GPU kernels (summary merge, cut states, lanes) in interpret mode against the XLA path: the same
+    # The three GPU kernels (summary scan, cut states, lanes) in interpret mode against the XLA path: the same
     # code, so every output is identical, anchors included; both against brute force.
     from sparsek_jax.thresholds import blocked_thresholds
     u = random_scores(rng, 2, seq, heads, ties=ties).astype(dtype).astype(jnp.float32)
