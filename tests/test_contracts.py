@@ -23,23 +23,31 @@ def attention(implementation, extra, **options):
         **options, **extra))
 
 
+# The shapes (batch, seq, q_heads, kv_heads, head_dim) and options of the tests below that run every path: one
+# compiled program per path for all of them.
+SHAPE = (2, 30, 4, 2, 8)
+OPTIONS = dict(topk=3, window=2)
+ONE_DOCUMENT = jnp.zeros(SHAPE[:2], jnp.int32)
+
+
 @pytest.mark.parametrize("bad", [-np.inf, np.inf, np.nan])
 def test_non_finite_scores(rng, bad):
-    q, k, v, u, _ = attention_inputs(rng, 2, 21, 4, 2, 8)
+    q, k, v, u, _ = attention_inputs(rng, *SHAPE)
     u = u.at[1, 3, 0].set(bad)  # row (batch 1, kv head 0); topk larger than the early prefixes
     with pytest.raises(ValueError, match=r"scores: expected finite values, received 1 non-finite \(first at index "
                                          r"\(1, 3, 0\)"):
-        sk.sparsek_attention(q, k, v, u, topk=6, window=2)
+        sk.sparsek_attention(q, k, v, u, **OPTIONS)
     for fn in (sk.prefix_thresholds, sk.attention_pattern):
         with pytest.raises(ValueError, match="scores: expected finite values"):
-            fn(u, topk=6, window=2)
+            fn(u, **OPTIONS)
     # Under jit every implementation marks that row's query heads (0 and 1) NaN and leaves the rest exact.
-    outs = [np.asarray(attention(impl, extra, topk=6, window=2)(q, k, v, u)) for impl, extra in IMPLEMENTATIONS]
-    clean = attention("reference", {}, topk=6, window=2)(q, k, v, u.at[1, 3, 0].set(0.0))
+    outs = [np.asarray(attention(impl, extra, **OPTIONS)(q, k, v, u, ONE_DOCUMENT))
+            for impl, extra in IMPLEMENTATIONS]
+    clean = attention("reference", {}, **OPTIONS)(q, k, v, u.at[1, 3, 0].set(0.0), ONE_DOCUMENT)
     for out in outs:
         assert np.isnan(out[1, :, :2]).all() and np.isfinite(out[1, :, 2:]).all() and np.isfinite(out[0]).all()
         np.testing.assert_allclose(out[0], clean[0], atol=2e-5)
-    tau, theta = jax.jit(lambda u: sk.prefix_thresholds(u, topk=6, window=2))(u)
+    tau, theta = jax.jit(lambda u: sk.prefix_thresholds(u, **OPTIONS))(u)
     assert np.isnan(tau[1, :, 0]).all() and np.isnan(theta[1, :, 0]).all() and not np.isnan(tau[0]).any()
 
 
@@ -47,27 +55,26 @@ def test_non_finite_scores(rng, bad):
 def test_large_scores_agree_on_every_path(rng, outlier):
     # Gates are float32 differences from tau, so they stay accurate as long as the keys near tau are of
     # ordinary size; a far outlier (a key that always wins, or never does) must not disturb the others.
-    q, k, v, u, seg = attention_inputs(rng, 1, 30, 2, 1, 8, segmented=True)
+    q, k, v, u, seg = attention_inputs(rng, *SHAPE, segmented=True)
     u = u.at[0, 4, 0].set(outlier)
-    expected = sparsek_attention_np(q, k, v, u, topk=3, window=2, segment_ids=seg)
+    expected = sparsek_attention_np(q, k, v, u, segment_ids=seg, **OPTIONS)
     for impl, extra in IMPLEMENTATIONS:
-        out = attention(impl, extra, topk=3, window=2)(q, k, v, u, seg)
+        out = attention(impl, extra, **OPTIONS)(q, k, v, u, seg)
         np.testing.assert_allclose(np.asarray(out), expected, atol=5e-5, err_msg=impl)
 
 
 def test_document_ids_are_runs(rng):
-    # (the shapes and options of test_large_scores_agree_on_every_path: the same compiled programs)
-    q, k, v, u, _ = attention_inputs(rng, 1, 30, 2, 1, 8)
-    back = jnp.asarray([[0] * 10 + [1] * 10 + [0] * 10], jnp.int32)  # document 0 comes back
+    q, k, v, u, _ = attention_inputs(rng, *SHAPE)
+    back = jnp.asarray([[0] * 10 + [1] * 10 + [0] * 10, [0] * 30], jnp.int32)  # document 0 comes back in row 0
     with pytest.raises(ValueError, match="segment_ids: expected contiguous runs .* received id 0 again at row 0, "
                                          "position 20"):
-        sk.sparsek_attention(q, k, v, u, topk=3, window=2, segment_ids=back)
+        sk.sparsek_attention(q, k, v, u, segment_ids=back, **OPTIONS)
     with pytest.raises(ValueError, match="segment_ids: expected contiguous runs"):
-        sk.prefix_thresholds(u, topk=3, window=2, segment_ids=back)
+        sk.prefix_thresholds(u, segment_ids=back, **OPTIONS)
     # Under a trace a change of id starts a new document, on every path: the same as ids 0, 1, 2.
-    runs = jnp.asarray([[0] * 10 + [1] * 10 + [2] * 10], jnp.int32)
+    runs = jnp.asarray([[0] * 10 + [1] * 10 + [2] * 10, [0] * 30], jnp.int32)
     for impl, extra in IMPLEMENTATIONS:
-        run = attention(impl, extra, topk=3, window=2)
+        run = attention(impl, extra, **OPTIONS)
         np.testing.assert_array_equal(np.asarray(run(q, k, v, u, back)), np.asarray(run(q, k, v, u, runs)),
                                       err_msg=impl)
 
