@@ -64,8 +64,9 @@ def test_matches_brute_force(rng, seq, heads, topk, window, ties, segmented, blo
     np.testing.assert_array_equal(np.asarray(pattern.selected), exp_selected)
     # num_fractional counts the candidates with 0 < u - tau < 1, the float32 test of the gates, at the tau
     # returned (ties put scores exactly on tau and tau + 1).
-    gap = (uu - np.moveaxis(np.asarray(tau), 1, 2)[..., None]).astype(np.float32)
-    expected = np.where(np.isfinite(np.moveaxis(np.asarray(tau), 1, 2)), (cand & (gap > 0) & (gap < 1)).sum(-1), 0)
+    tau_q = np.moveaxis(np.asarray(tau), 1, 2)  # [batch, heads, queries]
+    gap = (uu - tau_q[..., None]).astype(np.float32)
+    expected = np.where(np.isfinite(tau_q), (cand & (gap > 0) & (gap < 1)).sum(-1), 0)
     np.testing.assert_array_equal(np.moveaxis(np.asarray(info.num_fractional), 1, 2), expected)
 
 
