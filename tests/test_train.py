@@ -147,29 +147,40 @@ def test_resumed_run_has_the_same_losses(corpus, tmp_path, data_dir):
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
 
 
-def test_the_learning_rate_is_an_argument_of_the_step_and_follows_adamw():
-    # AdamW at the scheduled rate, update for update; and one compiled update for every schedule (a resumed run
-    # trained further, a sweep over rates) since the rate is not a constant of the program.
+def test_the_learning_rates_are_an_argument_of_the_step_and_follow_adamw():
+    # AdamW at the scheduled rate, update for update, with each parameter group's rate (the scorers' scaled,
+    # the others' zero in the scorers-only phase); and one compiled update for every schedule, scorer rate and
+    # phase (a resumed run trained further, a sweep), since the rates are not constants of the program.
     configs = [load_config(ROOT / "configs/demo.yaml", overrides) for overrides in (
-        ["train.steps=7", "train.warmup_steps=2", "train.grad_clip=0.5"],
+        ["train.steps=7", "train.warmup_steps=2", "train.grad_clip=0.5", "train.scorer_learning_rate_scale=10",
+         "train.scorers_only_steps=3"],
         ["train.steps=70", "train.warmup_steps=20", "train.grad_clip=0.5", "train.learning_rate=0.3"])]
     config, t = configs[0], configs[0].train
     schedule = app.learning_rate_schedule(config)
     rates = app.learning_rates(config)
-    np.testing.assert_allclose(rates, [float(schedule(i)) for i in range(7)], rtol=1e-6)
-    assert rates[0] == 0 and rates[2] == pytest.approx(t.learning_rate)
-    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones((4,))}
-    grads = {"w": jnp.linspace(0.5, -2, 12).reshape(3, 4), "b": jnp.full((4,), -0.2)}
+    scheduled = np.asarray([float(schedule(i)) for i in range(7)], np.float32)
+    group = {name: rates[:, app.RATE_GROUPS.index(name)] for name in app.RATE_GROUPS}
+    np.testing.assert_allclose(group["norms"], scheduled, rtol=1e-6)
+    np.testing.assert_allclose(group["scorers"], 10 * scheduled, rtol=1e-6)
+    np.testing.assert_array_equal(group["other"], np.where(np.arange(7) < 3, 0, group["norms"]))
+    assert scheduled[0] == 0 and scheduled[2] == pytest.approx(t.learning_rate)
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones((4,)),
+              "scorer": {"w_score": jnp.linspace(0, 1, 4)}, "final_norm": jnp.full((4,), 2.0)}
+    grads = {"w": jnp.linspace(0.5, -2, 12).reshape(3, 4), "b": jnp.full((4,), -0.2),
+             "scorer": {"w_score": jnp.full((4,), 0.3)}, "final_norm": jnp.full((4,), -0.1)}
     adamw = optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adamw(
-        schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask={"w": True, "b": False}))
+        1.0, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=jax.tree.map(lambda p: p.ndim >= 2, params)))
     ours = app.optimizer_transform(config)
     state, expected_state = ours.init(params), adamw.init(params)
     for step in range(4):
-        updates, state = ours.update(grads, state, params, learning_rate=rates[step])
-        expected, expected_state = adamw.update(grads, expected_state, params)
+        updates, state = ours.update(grads, state, params, learning_rates=rates[step])
+        unit, expected_state = adamw.update(grads, expected_state, params)
+        expected = {"w": unit["w"] * group["other"][step], "b": unit["b"] * group["other"][step],
+                    "scorer": {"w_score": unit["scorer"]["w_score"] * group["scorers"][step]},
+                    "final_norm": unit["final_norm"] * group["norms"][step]}
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), updates, expected)
         params = optax.apply_updates(params, updates)
-    lowered = [jax.jit(lambda g, s, p, lr, tx=app.optimizer_transform(c): tx.update(g, s, p, learning_rate=lr))
+    lowered = [jax.jit(lambda g, s, p, lr, tx=app.optimizer_transform(c): tx.update(g, s, p, learning_rates=lr))
                .lower(grads, state, params, rates[1]).as_text() for c in configs]
     assert lowered[0] == lowered[1]
 
@@ -207,7 +218,7 @@ print(json.dumps({"devices": jax.device_count(), "mesh": dict(session.mesh.shape
 
 @pytest.mark.parametrize("kernels", ["xla", "pallas_gpu_interpret"])
 def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernels, data_dir):
-    overrides = run_overrides(corpus, data_dir, tmp_path / "run", **{"data.batch_size": 8})
+    overrides = run_overrides(corpus, data_dir, tmp_path / "run")  # 4 sequences: one per (data, fsdp) shard
     if kernels == "pallas_gpu_interpret":
         overrides += ["model.implementation=pallas_gpu", "model.interpret=true", "model.num_layers=1"]
 
@@ -397,7 +408,7 @@ def test_a_dense_run_converted_to_sparsek_trains_its_scorers_first(corpus, tmp_p
     # Every step trains only the scorers and norms: the projections must come out as the dense run left them.
     summary, messages = quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(
         corpus, data_dir, converted_dir, **{"train.steps": 3, "train.init_from": str(dense_dir),
-                                                     "train.scorers_only_steps": 3, "model.window": 2})))
+                                                     "train.scorers_only_steps": 3})))
     assert summary["step"] == 3
     assert any(m.startswith("weights from") and "scoring-network parameters start at their initialisation" in m
                for m in messages), messages
@@ -453,7 +464,7 @@ def test_scorer_distillation_steps_then_sparse_attention_and_scorer_learning_rat
 
     distilled = tmp_path / "distilled"
     quiet(load_config(ROOT / "configs/demo.yaml", run_overrides(corpus, data_dir, distilled, **{
-        "train.steps": 3, "train.scorer_distill_steps": 2, "model.window": 2})))
+        "train.steps": 3, "train.scorer_distill_steps": 2})))
     records = [json.loads(line) for line in (distilled / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if "loss" in r}
     assert steps[1]["distill_loss"] > 0 and steps[2]["distill_loss"] > 0 and "distill_loss" not in steps[3]

@@ -44,43 +44,57 @@ def learning_rate_schedule(config: RunConfig):
         decay_steps=t.steps, end_value=t.learning_rate * t.min_learning_rate_ratio)
 
 
+# The parameter groups that step with rates of their own; the columns of ``learning_rates``.
+RATE_GROUPS = ("scorers", "norms", "other")
+SCHEDULE = RATE_GROUPS.index("norms")  # the group that follows the schedule in every phase
+
+
 def learning_rates(config: RunConfig) -> np.ndarray:
-    """float32 ``[train.steps]``: the learning rate of every update (``learning_rate_schedule`` at the number
-    of updates before it), computed once on the host."""
-    return np.asarray(jax.vmap(learning_rate_schedule(config))(jnp.arange(config.train.steps)), np.float32)
+    """float32 ``[train.steps, len(RATE_GROUPS)]``: the learning rate of every update (``learning_rate_schedule``
+    at the number of updates before it), computed once on the host, for each parameter group: the scoring
+    networks' times ``train.scorer_learning_rate_scale``; the norm scales' as scheduled; the other parameters'
+    zero for the first ``train.scorers_only_steps`` updates."""
+    t = config.train
+    schedule = np.asarray(jax.vmap(learning_rate_schedule(config))(jnp.arange(t.steps)), np.float32)
+    others = np.where(np.arange(t.steps) < t.scorers_only_steps, 0.0, schedule)
+    return np.stack([schedule * np.float32(t.scorer_learning_rate_scale), schedule, others], axis=1
+                    ).astype(np.float32)
 
 
-def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:
-    """Multiplies the updates by the ``learning_rate`` passed to ``update`` (a scalar array)."""
+def rate_group(path) -> int:
+    """The index in ``RATE_GROUPS`` of a parameter (a pytree key path)."""
+    if is_scorer(path):
+        return RATE_GROUPS.index("scorers")
+    if any(n.endswith("norm") for n in _path_names(path)):
+        return RATE_GROUPS.index("norms")
+    return RATE_GROUPS.index("other")
 
-    def update(updates, state, params=None, *, learning_rate, **extra_args):
+
+def scale_by_learning_rates_argument() -> optax.GradientTransformationExtraArgs:
+    """Multiplies each update by its group's rate in the ``learning_rates`` passed to ``update`` (float32
+    ``[len(RATE_GROUPS)]``, a row of ``learning_rates``)."""
+
+    def update(updates, state, params=None, *, learning_rates, **extra_args):
         del params, extra_args
-        return jax.tree.map(lambda u: (learning_rate * u).astype(u.dtype), updates), state
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: (learning_rates[rate_group(path)] * u).astype(u.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def optimizer_transform(config: RunConfig):
-    """AdamW with global-norm clipping; no weight decay on vectors (norm scales). The learning rate is an
-    argument of every update (``optimizer.update(model, grads, learning_rate=...)``, from ``learning_rates``)
-    rather than a schedule compiled into the step, so a run that changes its length, warmup or peak rate
-    (a resumed run trained further, a sweep) reuses the compiled step. A step whose gradients are not finite
-    changes nothing (``optax.apply_if_finite``); the training loop then stops or skips it
-    (``train.on_nonfinite``)."""
+    """AdamW with global-norm clipping; no weight decay on vectors (norm scales). The learning rates are an
+    argument of every update (``optimizer.update(model, grads, learning_rates=...)``, a row of
+    ``learning_rates``) rather than a schedule compiled into the step, so a run that changes its length,
+    warmup, peak rate, scorer rate or scorers-only phase (a resumed run trained further, a sweep) reuses the
+    compiled step. A step whose gradients are not finite changes nothing (``optax.apply_if_finite``); the
+    training loop then stops or skips it (``train.on_nonfinite``)."""
     t = config.train
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    steps = [optax.clip_by_global_norm(t.grad_clip),
-             optax.adamw(1.0, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask),
-             scale_by_learning_rate_argument()]
-    if t.scorer_learning_rate_scale != 1.0:
-        steps.append(optax.masked(optax.scale(t.scorer_learning_rate_scale),
-                                  lambda params: jax.tree_util.tree_map_with_path(
-                                      lambda path, _: is_scorer(path), params)))
-    if t.scorers_only_steps:
-        steps.append(optax.masked(optax.scale_by_schedule(lambda count: count >= t.scorers_only_steps),
-                                  lambda params: jax.tree_util.tree_map_with_path(
-                                      lambda path, _: not _learns_first(path), params)))
-    return optax.apply_if_finite(optax.chain(*steps), max_consecutive_errors=2**31 - 1)
+    return optax.apply_if_finite(optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(1.0, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask),
+        scale_by_learning_rates_argument()), max_consecutive_errors=2**31 - 1)
 
 
 def _path_names(path) -> list[str]:
@@ -90,12 +104,6 @@ def _path_names(path) -> list[str]:
 def is_scorer(path) -> bool:
     """Whether a parameter (a pytree key path) lies in a scoring network."""
     return is_scorer_parameter(_path_names(path))
-
-
-def _learns_first(path) -> bool:
-    """The parameters that ``train.scorers_only_steps`` trains alone: scoring networks and norm scales (a
-    converted model adapts its selection before its projections move)."""
-    return is_scorer(path) or any(n.endswith("norm") for n in _path_names(path))
 
 
 @dataclass

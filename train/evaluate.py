@@ -8,6 +8,7 @@ the window, selected (gate 1 or fractional) or not attended.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -52,10 +53,12 @@ def _label(lo: int, hi: int) -> str:
     return f"{short(lo)}-{short(hi)}"
 
 
+@functools.cache
 def make_eval_step(config, *, answers: bool):
     """The jitted evaluation of one batch: per-token loss (masked), whether the argmax is the target, and with
     ``answers`` the ``KEY_STATUS`` of each answer's source in every SparseK layer (``[layers, batch, seq,
-    kv_heads]``, -1 off the answers; ``None`` without SparseK layers)."""
+    kv_heads]``, -1 off the answers; ``None`` without SparseK layers). One step function per model config:
+    evaluations in one process share its compiled programs."""
     sparsek_layers = [i for i, kind in enumerate(config.layer_kinds) if kind == "sparsek"]
 
     @nnx.jit

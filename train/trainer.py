@@ -9,6 +9,7 @@ uninterrupted run. Metrics go to RUN_DIR/metrics.jsonl (and TensorBoard if asked
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -45,15 +46,18 @@ def next_token_loss(model, batch, teacher: bool = False):
     return loss + distill, (loss, jnp.asarray(distill, jnp.float32))
 
 
+@functools.cache
 def make_train_step(accumulate: int, *, teacher: bool = False):
     """One optimizer step; with ``accumulate > 1`` the batch is split into microbatches whose gradients are
     averaged under ``lax.scan`` (one microbatch's activations alive at a time). ``teacher``: a scorer
-    distillation step (``next_token_loss``). ``learning_rate``: a float32 scalar (``app.learning_rates``), an
-    argument rather than a constant so that one compiled step serves every schedule."""
+    distillation step (``next_token_loss``). ``learning_rates``: float32 ``[len(app.RATE_GROUPS)]``, a row of
+    ``app.learning_rates``, an argument rather than a constant so that one compiled step serves every schedule
+    and phase. One step function per ``(accumulate, teacher)``: runs in one process (a sweep, a notebook)
+    share its compiled programs."""
     loss_fn = lambda model, batch: next_token_loss(model, batch, teacher)
 
     @nnx.jit(donate_argnums=(0, 1))
-    def train_step(model, optimizer, batch, learning_rate):
+    def train_step(model, optimizer, batch, learning_rates):
         if accumulate == 1:
             (_, (loss, distill)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
         else:
@@ -75,7 +79,7 @@ def make_train_step(accumulate: int, *, teacher: bool = False):
         # Whether the scorers learn at all: a key outside every query's top-k sends them no gradient.
         scorer_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if app.is_scorer(path)]
         # Applies nothing unless the gradients are finite (optimizer_transform).
-        optimizer.update(model, grads, learning_rate=learning_rate)
+        optimizer.update(model, grads, learning_rates=learning_rates)
         return {"loss": loss, "distill_loss": distill, "grad_norm": grad_norm,
                 "scorer_grad_norm": optax.tree.norm(scorer_grads) if scorer_grads else None,
                 "finite": jnp.isfinite(loss) & jnp.isfinite(distill) & jnp.isfinite(grad_norm)}
@@ -288,7 +292,7 @@ def _run(config: RunConfig, directory: Path, checkpoints: RunCheckpoints, *, log
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
                     last = {"step": step, "loss": loss, "grad_norm": float(out["grad_norm"]),
-                            "learning_rate": float(learning_rates[step - 1]),
+                            "learning_rate": float(learning_rates[step - 1, app.SCHEDULE]),
                             "tokens_per_s": tokens_per_s, "tokens_seen": step * tokens_per_step,
                             "mfu": (flops_per_step * interval_steps / elapsed / (peak * jax.device_count())
                                     if peak else None)}
