@@ -115,7 +115,9 @@ def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(tmp_path, o
 
 def test_a_dead_process_stops_the_run_within_the_heartbeat(tmp_path, overrides):
     run_dir = tmp_path / "run"
-    process = launch(2, run_dir, overrides, "train.steps=100000", "train.checkpoint_every=100000", wait=False)
+    # The mesh of the first test, whose compiled step this run can then read from the compilation cache.
+    process = launch(2, run_dir, overrides, *DATA_FSDP, "train.steps=100000", "train.checkpoint_every=100000",
+                     wait=False)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():
         assert process.poll() is None, process.communicate()[1][-3000:]
