@@ -56,9 +56,8 @@ def learning_rates(config: RunConfig) -> np.ndarray:
     zero for the first ``train.scorers_only_steps`` updates."""
     t = config.train
     schedule = np.asarray(jax.vmap(learning_rate_schedule(config))(jnp.arange(t.steps)), np.float32)
-    others = np.where(np.arange(t.steps) < t.scorers_only_steps, 0.0, schedule)
-    return np.stack([schedule * np.float32(t.scorer_learning_rate_scale), schedule, others], axis=1
-                    ).astype(np.float32)
+    others = np.where(np.arange(t.steps) < t.scorers_only_steps, np.float32(0), schedule)
+    return np.stack([schedule * np.float32(t.scorer_learning_rate_scale), schedule, others], axis=1)
 
 
 def rate_group(path) -> int:
