@@ -35,6 +35,12 @@ if not _ACCELERATOR and "xla_backend_optimization_level" not in os.environ.get("
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
+# Tracing allocates millions of short-lived objects, and with Python's default thresholds the collector's full
+# passes over a worker's large heap (jaxprs, lowered modules) cost about 3% of the suite's CPU. Young objects are
+# collected 70 times less often; `_drop_compiled_programs` below still runs a full collection after each module.
+gc.set_threshold(50_000, 20, 100)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
