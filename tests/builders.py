@@ -14,6 +14,41 @@ def cpu_devices_env(devices: int, **extra) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
+def two_training_steps(config_args: list[str], *, with_hlo: bool = True) -> dict:
+    """Two training steps of the run that ``config_args`` (a config path, then overrides) configures, on the
+    devices this process has: the losses, the mesh, the shardings of a few parameters and of the batch, and (with
+    ``with_hlo``) the compiled step's all-gather lines. The tests run it in their own process (one device) and in
+    a subprocess that has eight."""
+    from sparsek_jax import data
+    from sparsek_jax.nn.sharding import activate
+    from sparsek_train import app
+    from sparsek_train.config import load_config
+    from sparsek_train.trainer import make_train_step
+
+    config = load_config(config_args[0], config_args[1:])
+    session = app.build_session(config, with_optimizer=True, log=lambda m: None)
+    block = session.model.blocks[0]
+    specs = {"q_proj": block.attention.q_proj[...].sharding.spec, "embed": session.model.embed[...].sharding.spec,
+             "w_score": block.attention.scorer.w_score[...].sharding.spec,
+             "mlp_down": block.mlp.down[...].sharding.spec}
+    packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
+    iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=0))
+    step = make_train_step(config.train.accumulate)
+    rates = app.learning_rates(config)
+    lines = []
+    with activate(session.mesh):
+        losses = []
+        for _ in range(2):
+            batch = data.global_batch(next(iterator), session.batch_sharding)
+            if with_hlo and not losses:
+                hlo = step.lower(session.model, session.optimizer, batch, rates[0]).compile().as_text()
+                lines = [line for line in hlo.splitlines() if " all-gather" in line]
+            losses.append(float(step(session.model, session.optimizer, batch, rates[len(losses)])["loss"]))
+        specs["batch"] = batch["inputs"].sharding.spec
+    return {"devices": jax.device_count(), "mesh": dict(session.mesh.shape), "losses": losses,
+            "specs": {k: str(v) for k, v in specs.items()}, "lines": lines}
+
+
 def write_text_corpus(root, documents: int, words_per_document: int):
     """``documents`` small ``.txt`` files of random words under ``root`` (a ``text_files`` corpus); returns
     ``root``. Fixed seed: every test that builds one reads the same texts."""

@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from builders import cpu_devices_env, write_text_corpus
+from builders import cpu_devices_env, two_training_steps, write_text_corpus
 
 from sparsek_jax.nn import TransformerLM
 from sparsek_train.config import ConfigError, load_config
@@ -185,53 +185,32 @@ def test_the_learning_rates_are_an_argument_of_the_step_and_follow_adamw():
     assert lowered[0] == lowered[1]
 
 
-SHARDED_SCRIPT = r"""
-import json, sys
-import jax
-from sparsek_jax import data
-from sparsek_train import app
-from sparsek_train.config import ConfigError, load_config
-from sparsek_jax.nn.sharding import activate
-from sparsek_train.trainer import make_train_step
-config = load_config(sys.argv[1], sys.argv[2:])
-session = app.build_session(config, with_optimizer=True, log=lambda m: None)
-attention = session.model.blocks[0].attention
-specs = {"q_proj": attention.q_proj[...].sharding.spec, "embed": session.model.embed[...].sharding.spec,
-         "w_score": attention.scorer.w_score[...].sharding.spec, "mlp_down": session.model.blocks[0].mlp.down[...].sharding.spec}
-packed = data.PackedSequences(session.prepared.splits["train"], config.data.seq_len)
-iterator = iter(data.training_batches(packed, global_batch_size=config.data.batch_size, seed=0))
-step = make_train_step(config.train.accumulate)
-rates = app.learning_rates(config)
-with activate(session.mesh):
-    losses = []
-    for _ in range(2):
-        batch = data.global_batch(next(iterator), session.batch_sharding)
-        if not losses:
-            hlo = step.lower(session.model, session.optimizer, batch, rates[0]).compile().as_text()
-        losses.append(float(step(session.model, session.optimizer, batch, rates[len(losses)])["loss"]))
-    specs["batch"] = batch["inputs"].sharding.spec
-print(json.dumps({"devices": jax.device_count(), "mesh": dict(session.mesh.shape), "losses": losses,
-                  "specs": {k: str(v) for k, v in specs.items()},
-                  "lines": [l for l in hlo.splitlines() if " all-gather" in l]}))
-"""
+# Two steps on eight CPU devices need a process of their own (the device count is fixed when jax starts).
+SHARDED_SCRIPT = ("import json, sys\nfrom builders import two_training_steps\n"
+                  "print(json.dumps(two_training_steps(sys.argv[1:])))")
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(corpus, data_dir, tmp_path_factory):
+    """The reference of the sharded runs: one device, the XLA path, one layer, in this process."""
+    run_dir = tmp_path_factory.mktemp("one-device")
+    return two_training_steps([str(ROOT / "configs/demo.yaml"), *run_overrides(corpus, data_dir, run_dir),
+                               "model.num_layers=1"], with_hlo=False)["losses"]
 
 
 @pytest.mark.parametrize("kernels", ["xla", "pallas_gpu_interpret"])
-def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernels, data_dir):
-    overrides = run_overrides(corpus, data_dir, tmp_path / "run")  # 4 sequences: one per (data, fsdp) shard
-    kernel_options = []  # of the sharded run; the reference runs the XLA path
-    if kernels == "pallas_gpu_interpret":
-        overrides += ["model.num_layers=1"]
-        kernel_options = ["model.implementation=pallas_gpu", "model.interpret=true"]
-
-    def run(devices, mesh, options):
-        env = cpu_devices_env(devices)
-        result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(ROOT / "configs/demo.yaml"), *overrides,
-                                 *options, *mesh], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    sharded = run(8, ["train.mesh.data=2", "train.mesh.fsdp=2", "train.mesh.tensor=2"], kernel_options)
+def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernels, data_dir, one_device_losses):
+    # One layer: the sharding of a block does not depend on how many there are, and interpret mode is slow.
+    overrides = run_overrides(corpus, data_dir, tmp_path / "run") + ["model.num_layers=1"]
+    if kernels == "pallas_gpu_interpret":  # of the sharded run; the reference runs the XLA path
+        overrides += ["model.implementation=pallas_gpu", "model.interpret=true"]
+    mesh = ["train.mesh.data=2", "train.mesh.fsdp=2", "train.mesh.tensor=2"]  # 4 sequences: one per (data, fsdp)
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(ROOT / "configs/demo.yaml"), *overrides, *mesh],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env=cpu_devices_env(8, PYTHONPATH=os.pathsep.join(
+                                filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads(result.stdout.strip().splitlines()[-1])
     assert sharded["devices"] == 8 and sharded["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     # Parameters sharded as their logical axes declare (embed->fsdp, heads/mlp/vocab->tensor); batches over
     # data and fsdp.
@@ -248,10 +227,8 @@ def test_train_step_on_8_fake_devices_with_a_2x2x2_mesh(corpus, tmp_path, kernel
         op_name = re.search(r'op_name="([^"]*)"', line).group(1)
         assert not any(name in op_name for name in inside), line[:300]
         assert "transpose(" in op_name or not re.fullmatch(r"(f32|bf16)\[\d+,32,[124](,8)?\]", shape), line[:300]
-    # The reference: one device, the XLA path (the kernels match it in their own tests; here they must also
-    # match it when sharded).
-    single = run(1, [], [])
-    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-4)
+    # The kernels match the XLA path in their own tests; here they must also match it when sharded.
+    np.testing.assert_allclose(sharded["losses"], one_device_losses, rtol=2e-4)
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(corpus, tmp_path, data_dir):
