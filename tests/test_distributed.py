@@ -20,6 +20,8 @@ import pytest
 
 from builders import cpu_devices_env, write_text_corpus
 
+from sparsek_train.launch import free_port
+
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
 
@@ -134,8 +136,7 @@ def test_a_dead_process_stops_the_run_within_the_heartbeat(tmp_path, overrides):
 
 
 def test_processes_with_different_configs_refuse_to_start(tmp_path, overrides):
-    port = subprocess.run([sys.executable, "-c", "from sparsek_train.launch import free_port; print(free_port())"],
-                          capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    port = free_port()
     processes = []
     for index, rate in enumerate(("0.01", "0.02")):
         env = cpu_devices_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
