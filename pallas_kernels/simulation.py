@@ -255,14 +255,22 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
                theta=scalar(theta), theta_pos=scalar(theta_pos))
 
 
-class Reader(NamedTuple):
-    """Gathers for a block of lanes, indices clamped into range: ``a(field, idx)`` reads A (fields ``z``,
-    ``pos``), ``q(field, idx)`` reads Q (``z``, ``pos``, ``seg``), ``key(field, offset)`` the chunk's keys in
-    position order (``z``, ``seg``). ``idx`` and ``offset`` are per-lane int32 arrays."""
+# The lists a lane reads and their fields, as ``Lists`` names them (``a_z``, ``a_pos``, ``q_z``, ...).
+LIST_FIELDS = {"a": ("z", "pos"), "q": ("z", "pos", "seg"), "key": ("z", "seg")}
 
-    a: Callable
-    q: Callable
-    key: Callable
+
+def lane_reads(lists: Lists, lane, buffer_size: int, chunk: int) -> Callable:
+    """``load(requests)`` for the lanes ``lane`` (an iota): each request ``(list, fields, index)`` (``list`` one
+    of ``LIST_FIELDS``, ``index`` a per-lane int32 array, clamped into range) gives the tuple of those fields of
+    each lane's entry. One load per field and request: the kernels' reads from refs."""
+    width = {"a": buffer_size, "q": chunk, "key": chunk}
+
+    def load(requests):
+        return tuple(tuple(getattr(lists, f"{name}_{field}")[
+            lane * width[name] + jnp.clip(index, 0, width[name] - 1)] for field in fields)
+            for name, fields, index in requests)
+
+    return load
 
 
 def _lower_candidate(a_ok, az, q_ok, qz):
@@ -289,7 +297,7 @@ def _restart_sum_if_empty(c: Cut, entering, z) -> Cut:
                       sum_lo=jnp.where(fresh, zero, c.sum_lo))
 
 
-def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int, q_len: int):
+def lane_step(s: State, info: LaneInfo, start_cut: Cut, load: Callable, *, k: int, q_len: int):
     """One event of every lane (all fields ``[lanes]``). Returns ``(state, emit)``; ``emit`` marks lanes that
     finished position ``t`` (the state's ``t`` has then moved on; ``emitted_values`` reads what to write).
     ``q_len`` is the length ``C`` of each lane's Q.
@@ -306,19 +314,15 @@ def lane_step(s: State, info: LaneInfo, start_cut: Cut, read: Reader, *, k: int,
     active = offset < info.length
 
     # Loads, all at the incoming pointers.
-    x, x_seg = read.key("z", offset), read.key("seg", offset)
-    az_above, az_up = read.a("z", incoming.a_above - 1), read.a("z", incoming.a_upper - 1)
-    q_above_z, q_above_pos, q_above_seg = (read.q(f, incoming.q_above - 1) for f in ("z", "pos", "seg"))
-    q_up_z, q_up_pos, q_up_seg = (read.q(f, incoming.q_upper - 1) for f in ("z", "pos", "seg"))
     fa_index = jnp.where(s.ready | ~s.tau_done, incoming.a_upper, s.a_frac)
     fq_index = jnp.where(s.ready | ~s.tau_done, incoming.q_upper, s.q_frac)
-    fa_above, fa_at = read.a("z", fa_index - 1), read.a("z", fa_index)
-    fq_above = tuple(read.q(f, fq_index - 1) for f in ("z", "pos", "seg"))
-    fq_at = tuple(read.q(f, fq_index) for f in ("z", "pos", "seg"))
-    a1, a2 = (read.a("z", incoming.a_top - 1), read.a("pos", incoming.a_top - 1)), (read.a("z", incoming.a_top - 2),
-                                                                          read.a("pos", incoming.a_top - 2))
-    q1 = tuple(read.q(f, incoming.q_top - 1) for f in ("z", "pos", "seg"))
-    q2 = tuple(read.q(f, incoming.q_top - 2) for f in ("z", "pos", "seg"))
+    Q = LIST_FIELDS["q"]
+    ((x, x_seg), (az_above,), (az_up,), (q_above_z, q_above_pos, q_above_seg), (q_up_z, q_up_pos, q_up_seg),
+     (fa_above,), (fa_at,), fq_above, fq_at, a1, a2, q1, q2) = load((
+        ("key", ("z", "seg"), offset), ("a", ("z",), incoming.a_above - 1), ("a", ("z",), incoming.a_upper - 1),
+        ("q", Q, incoming.q_above - 1), ("q", Q, incoming.q_upper - 1), ("a", ("z",), fa_index - 1),
+        ("a", ("z",), fa_index), ("q", Q, fq_index - 1), ("q", Q, fq_index), ("a", ("z", "pos"), incoming.a_top - 1),
+        ("a", ("z", "pos"), incoming.a_top - 2), ("q", Q, incoming.q_top - 1), ("q", Q, incoming.q_top - 2)))
 
     # --- arrival of key t -------------------------------------------------------------------------------------
     arrive = s.ready & active
@@ -461,7 +465,7 @@ def emitted_values(state: State, info: LaneInfo):
 
 
 def run_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, store: Callable, outputs, *, k: int,
-              buffer_size: int, chunk: int, block: int, anchor_offset: int):
+              buffer_size: int, chunk: int, block: int, anchor_offset: int, load: Callable | None = None):
     """Runs every lane to the end of its chunk (``L = info.start.shape[0]`` lanes).
 
     ``lists`` holds flat arrays (XLA) or refs (a kernel): lane ``l`` reads A at ``[l * R, (l + 1) * R)`` and Q
@@ -469,22 +473,18 @@ def run_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, stor
     ``values`` (tau, theta, theta_pos, num_fractional, exact, a_top) at flat slots of ``[L * (C + 1)]`` and
     ``[L * (C // block + 1)]`` outputs (the last slot of each lane is a sink for lanes that emit nothing) and
     returns the new ``outputs``: the XLA driver carries arrays, the kernel writes refs and carries nothing.
+    ``load``: a ``lane_reads``-like factory for the lanes' reads (default ``lane_reads``).
     """
     lane = lax.iota(jnp.int32, info.start.shape[0])
     R, C = buffer_size, chunk
     rows = C // block
 
-    def gather(x, width, idx):
-        return x[lane * width + jnp.clip(idx, 0, width - 1)]
-
-    read = Reader(a=lambda f, i: gather(lists.a_z if f == "z" else lists.a_pos, R, i),
-                  q=lambda f, i: gather({"z": lists.q_z, "pos": lists.q_pos, "seg": lists.q_seg}[f], C, i),
-                  key=lambda f, o: gather(lists.key_z if f == "z" else lists.key_seg, C, o))
+    load = (load or lane_reads)(lists, lane, R, C)
 
     def body(carry):
         state, outputs = carry
         offset = state.t - info.start
-        state, emit = lane_step(state, info, start_cut, read, k=k, q_len=C)
+        state, emit = lane_step(state, info, start_cut, load, k=k, q_len=C)
         anchor = emit & (offset % block == anchor_offset)
         slot = lane * (C + 1) + jnp.where(emit, offset, C)
         anchor_slot = lane * (rows + 1) + jnp.where(anchor, offset // block, rows)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparsek_kernels.simulation import (NEG_INF, Cut, LaneInfo, Lists, Outputs, Summaries, chunk_cut_state,
-                                        run_lanes, unflatten_outputs)
+from sparsek_kernels.simulation import (LIST_FIELDS, NEG_INF, Cut, LaneInfo, Lists, Outputs, Summaries,
+                                        chunk_cut_state, run_lanes, unflatten_outputs)
 
 
 def doubling_scan(combine, elems, axis: int = 0):
@@ -109,6 +109,33 @@ def _output_buffers(lanes: int, C: int, rows: int) -> Outputs:
                    jnp.ones((lanes * (C + 1),), jnp.int32), jnp.zeros((lanes * (rows + 1),), jnp.int32))
 
 
+def _packed_reads(lists: Lists, lane, buffer_size: int, chunk: int):
+    """``simulation.lane_reads`` with one gather per list and step: the list's fields side by side (scores as
+    their int32 bits), the rows of all its requests in one index array. The same values in fewer kernels (XLA
+    compiles one per gather, and a step reads thirteen entries)."""
+    width = {"a": buffer_size, "q": chunk, "key": chunk}
+    bits = lambda x: lax.bitcast_convert_type(x, jnp.int32) if x.dtype == jnp.float32 else x
+    packed = {name: jnp.stack([bits(getattr(lists, f"{name}_{field}")) for field in fields], axis=-1)
+              for name, fields in LIST_FIELDS.items()}
+
+    def load(requests):
+        rows = {}  # per list, its requests' rows in order: [lanes, fields] each
+        for name in LIST_FIELDS:
+            indices = [index for n, _, index in requests if n == name]
+            if indices:
+                flat = lane * width[name] + jnp.clip(jnp.stack(indices), 0, width[name] - 1)  # [reads, lanes]
+                rows[name] = iter(packed[name][flat])
+        values = []
+        for name, fields, _ in requests:
+            row = next(rows[name])
+            columns = (row[:, LIST_FIELDS[name].index(field)] for field in fields)
+            values.append(tuple(lax.bitcast_convert_type(x, jnp.float32) if field == "z" else x
+                                for field, x in zip(fields, columns)))
+        return tuple(values)
+
+    return load
+
+
 def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
               chunk: int, block: int, anchor_offset: int) -> Outputs:
     """All lanes at once in plain XLA (the CPU/TPU path and the kernels' twin); see ``run_lanes``."""
@@ -119,5 +146,6 @@ def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k
                        outputs.anchor_top.at[anchor_slot].set(values[5]))
 
     out = run_lanes(lists, info, chunk_cut, start_cut, store, _output_buffers(lanes, chunk, rows), k=k,
-                    buffer_size=buffer_size, chunk=chunk, block=block, anchor_offset=anchor_offset)
+                    buffer_size=buffer_size, chunk=chunk, block=block, anchor_offset=anchor_offset,
+                    load=_packed_reads)
     return unflatten_outputs(out, lanes, chunk, rows)
