@@ -300,13 +300,13 @@ def _restart_sum_if_empty(c: Cut, entering, z) -> Cut:
 def lane_step(s: State, info: LaneInfo, start_cut: Cut, load: Callable, *, k: int, q_len: int):
     """One event of every lane (all fields ``[lanes]``). Returns ``(state, emit)``; ``emit`` marks lanes that
     finished position ``t`` (the state's ``t`` has then moved on; ``emitted_values`` reads what to write).
-    ``q_len`` is the length ``C`` of each lane's Q.
+    ``q_len`` is the length ``C`` of each lane's Q; ``load`` reads the lists (see ``lane_reads``).
 
     An iteration takes the arrival of the next key (if the lane is waiting for one), then makes at most one
     move in each of three independent machines: ``tau`` (settle on the current piece or cross one
     breakpoint), the fractional count (move the float-test boundary by one key) and ``theta`` (pop one key
-    from the bottom of the top-k). Every gather reads at pointers of the incoming state, so all of an
-    iteration's loads are independent; a lane whose cut state is replaced by the arrival (a cut begins)
+    from the bottom of the top-k). Every read is at pointers of the incoming state, so all of an iteration's
+    loads are independent (one ``load`` call); a lane whose cut state is replaced by the arrival (a cut begins)
     starts its machines at the next iteration.
     """
     incoming = s.cut
