@@ -259,11 +259,16 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
 LIST_FIELDS = {"a": ("z", "pos"), "q": ("z", "pos", "seg"), "key": ("z", "seg")}
 
 
+def list_widths(buffer_size: int, chunk: int) -> dict[str, int]:
+    """Entries of each list per lane: ``R`` of A, ``C`` of Q and of the keys."""
+    return {"a": buffer_size, "q": chunk, "key": chunk}
+
+
 def lane_reads(lists: Lists, lane, buffer_size: int, chunk: int) -> Callable:
     """``load(requests)`` for the lanes ``lane`` (an iota): each request ``(list, fields, index)`` (``list`` one
     of ``LIST_FIELDS``, ``index`` a per-lane int32 array, clamped into range) gives the tuple of those fields of
     each lane's entry. One load per field and request: the kernels' reads from refs."""
-    width = {"a": buffer_size, "q": chunk, "key": chunk}
+    width = list_widths(buffer_size, chunk)
 
     def load(requests):
         return tuple(tuple(getattr(lists, f"{name}_{field}")[

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sparsek_kernels.simulation import (LIST_FIELDS, NEG_INF, Cut, LaneInfo, Lists, Outputs, Summaries,
-                                        chunk_cut_state, run_lanes, unflatten_outputs)
+                                        chunk_cut_state, list_widths, run_lanes, unflatten_outputs)
 
 
 def doubling_scan(combine, elems, axis: int = 0):
@@ -113,7 +113,7 @@ def _packed_reads(lists: Lists, lane, buffer_size: int, chunk: int):
     """``simulation.lane_reads`` with one gather per list and step: the list's fields side by side (scores as
     their int32 bits), the rows of all its requests in one index array. The same values in fewer kernels (XLA
     compiles one per gather, and a step reads thirteen entries)."""
-    width = {"a": buffer_size, "q": chunk, "key": chunk}
+    width = list_widths(buffer_size, chunk)
     bits = lambda x: lax.bitcast_convert_type(x, jnp.int32) if x.dtype == jnp.float32 else x
     packed = {name: jnp.stack([bits(getattr(lists, f"{name}_{field}")) for field in fields], axis=-1)
               for name, fields in LIST_FIELDS.items()}
