@@ -9,6 +9,7 @@ Nothing here launches anything: ``thresholds_xla`` runs these functions on all l
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -109,17 +110,27 @@ def two_sum(hi, lo, x):
     return s, lo + err
 
 
-def _split_sums(x, mask, axis=-1):
-    """Sum of float32 ``x`` where ``mask`` as three partial sums that do not depend on the order of summation:
-    each term is split into a multiple of 2**-10, a multiple of 2**-21 and a remainder below 2**-21. For terms
-    in [0, 2) and up to 8192 of them (R + C <= 8192) the first two sums are exact in float32; beyond that
-    they round, and the kernels' decisions may differ from XLA's in the last bits."""
+def _split_terms(x, mask):
+    """Float32 ``x`` where ``mask`` (0 elsewhere) split into three terms whose sums barely depend on the order
+    of summation: a multiple of 2**-10, a multiple of 2**-21 and a remainder below 2**-21. For terms in [0, 2)
+    and up to 8192 of them (R + C <= 8192) the sums of the first two are exact in float32 (``ExactSums``); the
+    remainders' sum rounds, and there the kernels' decisions may differ from XLA's in the last bits."""
     x = jnp.where(mask, x, 0.0)
     hi = jnp.floor(x * 1024.0) * (1.0 / 1024.0)
     rest = x - hi
     mid = jnp.floor(rest * 2097152.0) * (1.0 / 2097152.0)
-    lo = rest - mid
-    return jnp.sum(hi, axis=axis), jnp.sum(mid, axis=axis), jnp.sum(lo, axis=axis)
+    return hi, mid, rest - mid
+
+
+# ``exact_sums(terms)``: the sums over the last axis of same-shaped int32 or float32 terms whose sums are exact
+# (counts, the first two split terms), so in any order and grouping. A kernel sums each one (``sum_each``); the
+# XLA path stacks them into one reduction (``thresholds_xla.sum_stacked``: XLA compiles a kernel per reduction).
+ExactSums = Callable[[tuple], tuple]
+
+
+def sum_each(terms: tuple) -> tuple:
+    """``ExactSums`` one reduction per term."""
+    return tuple(jnp.sum(t, axis=-1) for t in terms)
 
 
 def _leading(predicate, length: int, shape):
@@ -138,7 +149,7 @@ def _pick(values, index):
     return jnp.max(jnp.where(hit, values, jnp.iinfo(values.dtype).min), axis=-1)
 
 
-def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut:
+def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int, exact_sums: ExactSums = sum_each) -> Cut:
     """The lane state for a visible set ``V = A[a_valid] + Q[q_vis]`` of more than ``k`` keys (one chunk).
 
     ``a_*`` [R] and ``q_*`` [C] are sorted by (score, position) descending; ``a_valid`` marks the entries of A
@@ -147,7 +158,7 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
     ``theta`` is found by two rank searches (with Q invisible it is ``A[k - 1]``), ``tau`` by binary searches
     run side by side over the breakpoint lists of the visible keys (``z`` and ``z - 1`` of A, and of Q: the
     largest breakpoint ``b`` with ``f(b) > k``), then the closed form on the linear piece after it. Every
-    ``f(b) > k`` decision sums clipped terms on exact grids (``_split_sums``).
+    ``f(b) > k`` decision sums clipped terms on exact grids (``_split_terms``); ``exact_sums`` sums what is exact.
     """
     R, C = a_z.shape[0], q_z.shape[0]
     iq = jnp.arange(C, dtype=jnp.int32)
@@ -179,8 +190,9 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
 
     def sums(x, valid, b):  # visible keys at or above b + 1, and the split sums of the fractional x - b
         t = jnp.clip(x[None, :] - b[:, None], 0.0, 1.0)
-        ones = jnp.sum(valid[None, :] & (t == 1.0), axis=1, dtype=jnp.int32)
-        return ones, _split_sums(t, valid[None, :] & (t > 0.0) & (t < 1.0))
+        hi, mid, lo = _split_terms(t, valid[None, :] & (t > 0.0) & (t < 1.0))
+        ones, h, m = exact_sums(((valid[None, :] & (t == 1.0)).astype(jnp.int32), hi, mid))
+        return ones, (h, m, jnp.sum(lo, axis=-1))
 
     # tau: f(b) = sum_V clip(z - b, 0, 1), compared with k on exact grids.
     def f_minus_k(b):  # b [P] -> [P], with the sign (and zero) of f(b) - k exact
@@ -200,7 +212,8 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
         lowest = jnp.minimum(lowest, jnp.min(jnp.where(q_vis, q_z, jnp.inf)))
     lowest = lowest - 2.0
     a_list = jnp.where(a_valid, a_z, lowest)
-    q_list = jnp.where(q_valid, q_z, lowest)
+    if with_q:  # Q's keys are breakpoints when one is visible (the lists stay sorted: all of Q or none)
+        q_list = jnp.where(q_valid & (jnp.max(q_vis.astype(jnp.int32)) > 0), q_z, lowest)
     width = max(R, C) if with_q else R
     lists = 4 if with_q else 2
     which = jnp.arange(lists, dtype=jnp.int32)  # z of A, z - 1 of A[, z of Q, z - 1 of Q]
@@ -217,14 +230,16 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
     c0 = jnp.floor(start)
 
     def partition(t):  # visible |U|, |M| and the split sums of z - c0 over M at threshold t
-        ua, ma = a_valid & (a_z - 1.0 > t), a_valid & (a_z > t)
-        n_upper, n_mid = jnp.sum(ua, dtype=jnp.int32), jnp.sum(ma & ~ua, dtype=jnp.int32)
-        sa = _split_sums(a_z - c0, ma & ~ua)
+        def counts_and_sums(z, valid):
+            upper, mid = valid & (z - 1.0 > t), valid & (z > t) & ~(z - 1.0 > t)
+            hi, mi, lo = _split_terms(z - c0, mid)
+            n_upper, n_mid, h, m = exact_sums((upper.astype(jnp.int32), mid.astype(jnp.int32), hi, mi))
+            return n_upper, n_mid, (h, m, jnp.sum(lo))
+
+        n_upper, n_mid, sa = counts_and_sums(a_z, a_valid)
         if with_q:
-            uq, mq = q_vis & (q_z - 1.0 > t), q_vis & (q_z > t)
-            n_upper, n_mid = n_upper + jnp.sum(uq, dtype=jnp.int32), n_mid + jnp.sum(mq & ~uq, dtype=jnp.int32)
-            sq = _split_sums(q_z - c0, mq & ~uq)
-            sa = tuple(x + y for x, y in zip(sa, sq))
+            q_upper, q_mid, sq = counts_and_sums(q_z, q_vis)
+            n_upper, n_mid, sa = n_upper + q_upper, n_mid + q_mid, tuple(x + y for x, y in zip(sa, sq))
         s = sa[0]                      # exact
         hi = s + sa[1]
         lo = ((s - hi) + sa[1]) + sa[2]
@@ -235,24 +250,25 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int) -> Cut
     # Where f = k at the next visible breakpoint the root is that breakpoint exactly (a lane lands on it, and
     # the fractional count must be taken at it), whatever the rounded closed form says; so is a root that
     # rounded past it.
-    above = lambda z, valid: jnp.min(jnp.where(valid & (z > start), z, jnp.inf))
-    upper_above = lambda z, valid: jnp.min(jnp.where(valid & (z - 1.0 > start), z - 1.0, jnp.inf))
-    next_point = jnp.minimum(above(a_z, a_valid), upper_above(a_z, a_valid))
+    # (A key's lower breakpoint z - 1, if above start, is its smaller one: one minimum per list.)
+    above = lambda z, valid: jnp.min(jnp.where(valid & (z - 1.0 > start), z - 1.0,
+                                               jnp.where(valid & (z > start), z, jnp.inf)))
+    next_point = above(a_z, a_valid)
     if with_q:
-        next_point = jnp.minimum(next_point, jnp.minimum(above(q_z, q_vis), upper_above(q_z, q_vis)))
+        next_point = jnp.minimum(next_point, above(q_z, q_vis))
     on_next = (f_minus_k(jnp.broadcast_to(next_point, (1,))) == 0.0) | (root >= next_point)
     # No fractional key after start: f is flat there and start is its left end, the smallest valid tau (only
     # reached when z - 1 rounds to z, at scores beyond 2**24, so that no breakpoint has f > k).
     tau = jnp.where(n_mid == 0, start, jnp.where(on_next, next_point, jnp.maximum(root, start)))
     n_upper, n_mid, hi, lo = partition(tau)
-    count = lambda mask: jnp.sum(mask, dtype=jnp.int32)
     above_theta = lambda z, p: (z > theta) | ((z == theta) & (p >= theta_pos))
+    pointers = lambda z, p, valid: exact_sums(tuple((valid & m).astype(jnp.int32) for m in (
+        z - 1.0 > tau, z > tau, above_theta(z, p))))
+    (a_upper, a_above, a_top), (q_upper, q_above, q_top) = pointers(a_z, a_pos, a_valid), pointers(q_z, q_pos, q_valid)
     scalar = lambda x: jnp.max(x)  # [1] -> scalar
-    return Cut(tau=tau, c0=c0, n_upper=n_upper, n_mid=n_mid, sum_hi=hi, sum_lo=lo,
-               a_upper=count(a_valid & (a_z - 1.0 > tau)), a_above=count(a_valid & (a_z > tau)),
-               q_upper=count(q_valid & (q_z - 1.0 > tau)), q_above=count(q_valid & (q_z > tau)),
-               a_top=count(a_valid & above_theta(a_z, a_pos)), q_top=count(q_valid & above_theta(q_z, q_pos)),
-               theta=scalar(theta), theta_pos=scalar(theta_pos))
+    return Cut(tau=tau, c0=c0, n_upper=n_upper, n_mid=n_mid, sum_hi=hi, sum_lo=lo, a_upper=a_upper,
+               a_above=a_above, q_upper=q_upper, q_above=q_above, a_top=a_top, q_top=q_top, theta=scalar(theta),
+               theta_pos=scalar(theta_pos))
 
 
 # The lists a lane reads and their fields, as ``Lists`` names them (``a_z``, ``a_pos``, ``q_z``, ...).
@@ -513,24 +529,26 @@ CUT_FLOATS = ("tau", "c0", "sum_hi", "sum_lo", "theta")
 CUT_INTS = ("n_upper", "n_mid", "a_upper", "a_above", "q_upper", "q_above", "a_top", "q_top", "theta_pos")
 
 
-def unpack_scalars(scalars):
+def unpack_scalars(scalars, exact_sums: ExactSums = sum_each):
     """The four int32 scalars of a chunk, (a_count, a_doc, cut_pos, cut_doc), from a [4] vector (masked sums:
     Triton cannot slice)."""
-    return tuple(jnp.sum(jnp.where(lax.iota(jnp.int32, 4) == n, scalars, 0)) for n in range(4))
+    return exact_sums(tuple(jnp.where(lax.iota(jnp.int32, 4) == n, scalars, 0) for n in range(4)))
 
 
-def chunk_cut_state(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, at_cut: bool, k: int) -> Cut:
+def chunk_cut_state(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, at_cut: bool, k: int,
+                    exact_sums: ExactSums = sum_each) -> Cut:
     """``cut_state`` of one chunk at its start (``at_cut=False``: the buffer alone) or at its first cut
     (``at_cut=True``: the buffer if it is in that document, and the chunk's keys of that document up to the
     cut). ``scalars`` = (a_count, a_doc, cut_pos, cut_doc), int32 [4]."""
-    a_count, a_doc, cut_pos, cut_doc = unpack_scalars(scalars)
+    a_count, a_doc, cut_pos, cut_doc = unpack_scalars(scalars, exact_sums)
     ia = lax.iota(jnp.int32, a_z.shape[0])
     q_valid = q_pos >= 0
+    state = functools.partial(cut_state, k=k, exact_sums=exact_sums)
     if not at_cut:
-        return cut_state(a_z, a_pos, ia < a_count, q_z, q_pos, q_valid, None, k=k)
+        return state(a_z, a_pos, ia < a_count, q_z, q_pos, q_valid, None)
     a_valid = (ia < a_count) & (a_doc == cut_doc)
     q_vis = q_valid & (q_pos <= cut_pos) & (q_seg == cut_doc)
-    return cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, k=k)
+    return state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis)
 
 
 class Summaries(NamedTuple):

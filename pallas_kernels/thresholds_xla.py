@@ -96,10 +96,24 @@ def xla_exclusive_scan(leaves: Summaries) -> Summaries:
 
 
 def xla_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int) -> tuple[Cut, Cut]:
-    """(state at each chunk's start, state at its first cut) for ``[chunks, ...]`` inputs, in plain XLA."""
-    states = lambda at_cut: jax.vmap(functools.partial(chunk_cut_state, at_cut=at_cut, k=k))(
-        a_z, a_pos, q_z, q_pos, q_seg, scalars)
-    return states(False), states(True)
+    """(state at each chunk's start, state at its first cut) for ``[chunks, ...]`` inputs, in plain XLA.
+
+    Both come from one vmapped ``cut_state`` over twice the chunks (XLA compiles a kernel per reduction, and
+    the function has dozens): a chunk's start is its state at a cut with no key of the chunk visible, which is
+    ``chunk_cut_state(at_cut=False)`` wherever the lanes read it (more than ``k`` keys before the chunk)."""
+    a_count, a_doc = scalars[:, 0], scalars[:, 1]
+    at_start = jnp.stack([a_count, a_doc, jnp.full_like(a_count, -1), a_doc], axis=-1)  # no cut: Q invisible
+    per_chunk = jax.vmap(functools.partial(chunk_cut_state, at_cut=True, k=k, exact_sums=sum_stacked))
+    states = jax.vmap(per_chunk, in_axes=(None,) * 5 + (0,))(a_z, a_pos, q_z, q_pos, q_seg,
+                                                             jnp.stack([at_start, scalars]))
+    return jax.tree.map(lambda x: x[0], states), jax.tree.map(lambda x: x[1], states)
+
+
+def sum_stacked(terms: tuple) -> tuple:
+    """``simulation.ExactSums`` as one reduction of the stacked terms, summed as float32 (exact: counts stay
+    far below 2**24, and the split terms' sums are exact in any grouping)."""
+    sums = jnp.sum(jnp.stack([t.astype(jnp.float32) for t in terms]), axis=-1)
+    return tuple(x.astype(t.dtype) for x, t in zip(sums, terms))
 
 
 def _output_buffers(lanes: int, C: int, rows: int) -> Outputs:
