@@ -10,7 +10,7 @@ import pytest
 from benchmarks.long_range import EXPERIMENTS, check_finished, main
 from builders import write_text_corpus
 
-TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2", "model.head_dim=16",
+TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2", "model.head_dim=16",
         "model.mlp_dim=64", "train.steps=3", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",
         "train.async_checkpoints=false", "data.batch_size=4", "data.eval_batch_size=4", "eval.batch_size=4",
         "eval.examples=8"]
