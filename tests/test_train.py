@@ -82,9 +82,9 @@ def data_dir(corpus, tmp_path_factory):
 def run_overrides(corpus, data_dir, run_dir, **extra):
     """The training app's runs: one layer (what a run does with its layers does not depend on how many there are:
     the model tests stack several, test_distributed.py trains and resumes two), a tiny corpus, ``extra``."""
-    values = {"model.num_layers": 1, "data.dataset": "text_files", "data.source_path": str(corpus), "data.data_dir": str(data_dir),
-              "data.vocab_size": 300, "data.seq_len": 32, "data.batch_size": 4, "data.eval_seq_len": 64,
-              "data.eval_batch_size": 2, "train.run_dir": str(run_dir), "train.log_every": 1,
+    values = {"model.num_layers": 1, "data.dataset": "text_files", "data.source_path": str(corpus),
+              "data.data_dir": str(data_dir), "data.vocab_size": 300, "data.seq_len": 32, "data.batch_size": 4,
+              "data.eval_seq_len": 64, "data.eval_batch_size": 2, "train.run_dir": str(run_dir), "train.log_every": 1,
               "train.warmup_steps": 2, "train.learning_rate": 0.01, "train.eval_batches": 1,
               "train.async_checkpoints": "false", "model.implementation": "xla"}
     values.update(extra)
