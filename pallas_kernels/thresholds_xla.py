@@ -17,8 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sparsek_kernels.common import count_leading
 from sparsek_kernels.simulation import (LIST_FIELDS, NEG_INF, Cut, LaneInfo, Lists, Outputs, Summaries,
                                         chunk_cut_state, list_widths, run_lanes, unflatten_outputs)
+
+
+def _bits(x):
+    """int32 ``x``, the bits of float32 ``x``, or bool ``x`` as 0/1: fields of different types side by side."""
+    return lax.bitcast_convert_type(x, jnp.int32) if x.dtype == jnp.float32 else x.astype(jnp.int32)
 
 
 def doubling_scan(combine, elems, axis: int = 0):
@@ -51,15 +57,18 @@ def _merge_lists(a_scores, a_pos, b_scores, b_pos, keep_b):
 
     def merge(a_scores, a_pos, b_scores, b_pos):
         index = jnp.arange(buffer_size, dtype=jnp.int32)
-        search = functools.partial(jnp.searchsorted, method="scan")  # a rolled loop: small programs
-        a_dest = index + search(-b_scores, -a_scores, side="right")   # b keys with a score >= a's
-        b_dest = index + search(-a_scores, -b_scores, side="left")    # a keys with a score > b's
-        dest = jnp.concatenate([a_dest, b_dest])
-        scores = jnp.full((2 * buffer_size,), -jnp.inf, jnp.float32).at[dest].set(
-            jnp.concatenate([a_scores, b_scores]), mode="drop")
-        pos = jnp.full((2 * buffer_size,), -1, jnp.int32).at[dest].set(jnp.concatenate([a_pos, b_pos]),
-                                                                        mode="drop")
-        return scores, pos
+        # Both lists' ranks in the other by one binary search (a rolled loop: small programs): for a key of a,
+        # the b keys with a score >= its own; for a key of b, the a keys with a score > its own.
+        of_a = jnp.arange(2 * buffer_size) < buffer_size
+        scores = jnp.concatenate([a_scores, b_scores])
+        ahead = lambda i: jnp.where(of_a, b_scores[i] >= scores, a_scores[i] > scores)
+        ranks = count_leading(ahead, jnp.zeros(2 * buffer_size, jnp.int32),
+                              jnp.full(2 * buffer_size, buffer_size, jnp.int32), buffer_size.bit_length())
+        dest = jnp.concatenate([index, index]) + ranks
+        keys = jnp.stack([_bits(scores), jnp.concatenate([a_pos, b_pos])], axis=-1)  # one scatter for both
+        empty = jnp.asarray([_bits(jnp.float32(NEG_INF)), -1], jnp.int32)
+        merged = jnp.broadcast_to(empty, keys.shape).at[dest].set(keys, mode="drop")
+        return lax.bitcast_convert_type(merged[:, 0], jnp.float32), merged[:, 1]
 
     scores, pos = jax.vmap(merge)(a_scores, a_pos, b_scores, b_pos)
     keep = keep_b[:, None]
@@ -116,11 +125,8 @@ def sum_stacked(terms: tuple) -> tuple:
     return tuple(x.astype(t.dtype) for x, t in zip(sums, terms))
 
 
-def _output_buffers(lanes: int, C: int, rows: int) -> Outputs:
-    """Flat output buffers of ``lanes`` lanes (``C`` positions and ``rows`` anchor rows each, plus a sink)."""
-    return Outputs(jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32), jnp.full((lanes * (C + 1),), NEG_INF, jnp.float32),
-                   jnp.full((lanes * (C + 1),), -1, jnp.int32), jnp.zeros((lanes * (C + 1),), jnp.int32),
-                   jnp.ones((lanes * (C + 1),), jnp.int32), jnp.zeros((lanes * (rows + 1),), jnp.int32))
+# What a lane emits per position (``Outputs`` before ``anchor_top``): its dtype and its value where nothing is.
+_PER_POSITION = ((jnp.float32, NEG_INF), (jnp.float32, NEG_INF), (jnp.int32, -1), (jnp.int32, 0), (bool, True))
 
 
 def _packed_reads(lists: Lists, lane, buffer_size: int, chunk: int):
@@ -128,8 +134,7 @@ def _packed_reads(lists: Lists, lane, buffer_size: int, chunk: int):
     their int32 bits), the rows of all its requests in one index array. The same values in fewer kernels (XLA
     compiles one per gather, and a step reads thirteen entries)."""
     width = list_widths(buffer_size, chunk)
-    bits = lambda x: lax.bitcast_convert_type(x, jnp.int32) if x.dtype == jnp.float32 else x
-    packed = {name: jnp.stack([bits(getattr(lists, f"{name}_{field}")) for field in fields], axis=-1)
+    packed = {name: jnp.stack([_bits(getattr(lists, f"{name}_{field}")) for field in fields], axis=-1)
               for name, fields in LIST_FIELDS.items()}
 
     def load(requests):
@@ -152,14 +157,22 @@ def _packed_reads(lists: Lists, lane, buffer_size: int, chunk: int):
 
 def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k: int, buffer_size: int,
               chunk: int, block: int, anchor_offset: int) -> Outputs:
-    """All lanes at once in plain XLA (the CPU/TPU path and the kernels' twin); see ``run_lanes``."""
+    """All lanes at once in plain XLA (the CPU/TPU path and the kernels' twin); see ``run_lanes``. The values
+    emitted per position are stored side by side as int32 bits, one scatter per step (XLA compiles a kernel for
+    every scatter), and the anchor rows' in a second."""
     lanes, rows = info.start.shape[0], chunk // block
 
     def store(outputs, slot, anchor_slot, values):
-        return Outputs(*(o.at[slot].set(v.astype(o.dtype)) for o, v in zip(outputs[:5], values[:5])),
-                       outputs.anchor_top.at[anchor_slot].set(values[5]))
+        per_position, anchor_top = outputs
+        return (per_position.at[slot].set(jnp.stack([_bits(v) for v in values[:5]], axis=-1)),
+                anchor_top.at[anchor_slot].set(values[5]))
 
-    out = run_lanes(lists, info, chunk_cut, start_cut, store, _output_buffers(lanes, chunk, rows), k=k,
-                    buffer_size=buffer_size, chunk=chunk, block=block, anchor_offset=anchor_offset,
-                    load=_packed_reads)
-    return unflatten_outputs(out, lanes, chunk, rows)
+    empty = jnp.asarray([_bits(jnp.asarray(v, dtype)) for dtype, v in _PER_POSITION], jnp.int32)
+    buffers = (jnp.broadcast_to(empty, (lanes * (chunk + 1), len(_PER_POSITION))),
+               jnp.zeros((lanes * (rows + 1),), jnp.int32))
+    per_position, anchor_top = run_lanes(lists, info, chunk_cut, start_cut, store, buffers, k=k,
+                                         buffer_size=buffer_size, chunk=chunk, block=block,
+                                         anchor_offset=anchor_offset, load=_packed_reads)
+    columns = (lax.bitcast_convert_type(per_position[:, n], jnp.float32) if dtype == jnp.float32
+               else per_position[:, n] for n, (dtype, _) in enumerate(_PER_POSITION))
+    return unflatten_outputs(Outputs(*columns, anchor_top), lanes, chunk, rows)
