@@ -124,7 +124,8 @@ def _split_terms(x, mask):
 
 # ``exact_sums(terms)``: the sums over the last axis of same-shaped int32 or float32 terms whose sums are exact
 # (counts, the first two split terms), so in any order and grouping. A kernel sums each one (``sum_each``); the
-# XLA path stacks them into one reduction (``thresholds_xla.sum_stacked``: XLA compiles a kernel per reduction).
+# XLA path stacks them into one reduction per dtype (``thresholds_xla.sum_stacked``: XLA compiles a kernel per
+# reduction).
 ExactSums = Callable[[tuple], tuple]
 
 
@@ -231,7 +232,8 @@ def cut_state(a_z, a_pos, a_valid, q_z, q_pos, q_valid, q_vis, *, k: int, exact_
 
     def partition(t):  # visible |U|, |M| and the split sums of z - c0 over M at threshold t
         def counts_and_sums(z, valid):
-            upper, mid = valid & (z - 1.0 > t), valid & (z > t) & ~(z - 1.0 > t)
+            upper = valid & (z - 1.0 > t)
+            mid = valid & (z > t) & ~upper
             hi, mi, lo = _split_terms(z - c0, mid)
             n_upper, n_mid, h, m = exact_sums((upper.astype(jnp.int32), mid.astype(jnp.int32), hi, mi))
             return n_upper, n_mid, (h, m, jnp.sum(lo))

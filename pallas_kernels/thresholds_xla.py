@@ -27,6 +27,11 @@ def _bits(x):
     return lax.bitcast_convert_type(x, jnp.int32) if x.dtype == jnp.float32 else x.astype(jnp.int32)
 
 
+def _from_bits(x, dtype):
+    """The inverse of ``_bits`` for a field of ``dtype``."""
+    return lax.bitcast_convert_type(x, jnp.float32) if dtype == jnp.float32 else x.astype(dtype)
+
+
 def doubling_scan(combine, elems, axis: int = 0):
     """Inclusive scan of a pytree along ``axis`` by recursive doubling in a rolled loop: step ``s`` combines
     every element with the one ``2**s`` before it. ``O(n log n)`` combines where ``lax.associative_scan``
@@ -68,7 +73,7 @@ def _merge_lists(a_scores, a_pos, b_scores, b_pos, keep_b):
         keys = jnp.stack([_bits(scores), jnp.concatenate([a_pos, b_pos])], axis=-1)  # one scatter for both
         empty = jnp.asarray([_bits(jnp.float32(NEG_INF)), -1], jnp.int32)
         merged = jnp.broadcast_to(empty, keys.shape).at[dest].set(keys, mode="drop")
-        return lax.bitcast_convert_type(merged[:, 0], jnp.float32), merged[:, 1]
+        return _from_bits(merged[:, 0], jnp.float32), merged[:, 1]
 
     scores, pos = jax.vmap(merge)(a_scores, a_pos, b_scores, b_pos)
     keep = keep_b[:, None]
@@ -104,6 +109,17 @@ def xla_exclusive_scan(leaves: Summaries) -> Summaries:
     return Summaries(*(jnp.concatenate([e, x[:, :-1]], axis=1) for e, x in zip(empty, inclusive)))
 
 
+def sum_stacked(terms: tuple) -> tuple:
+    """``simulation.ExactSums`` as one reduction per dtype: the int32 terms stacked and summed in int32 (they
+    include positions, beyond float32's 2**24), the float32 terms likewise (their sums are exact in any
+    grouping)."""
+    sums = {}
+    for dtype in {t.dtype for t in terms}:
+        group = [n for n, t in enumerate(terms) if t.dtype == dtype]
+        sums.update(zip(group, jnp.sum(jnp.stack([terms[n] for n in group]), axis=-1)))
+    return tuple(sums[n] for n in range(len(terms)))
+
+
 def xla_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int) -> tuple[Cut, Cut]:
     """(state at each chunk's start, state at its first cut) for ``[chunks, ...]`` inputs, in plain XLA.
 
@@ -116,13 +132,6 @@ def xla_cut_states(a_z, a_pos, q_z, q_pos, q_seg, scalars, *, k: int) -> tuple[C
     states = jax.vmap(per_chunk, in_axes=(None,) * 5 + (0,))(a_z, a_pos, q_z, q_pos, q_seg,
                                                              jnp.stack([at_start, scalars]))
     return jax.tree.map(lambda x: x[0], states), jax.tree.map(lambda x: x[1], states)
-
-
-def sum_stacked(terms: tuple) -> tuple:
-    """``simulation.ExactSums`` as one reduction of the stacked terms, summed as float32 (exact: counts stay
-    far below 2**24, and the split terms' sums are exact in any grouping)."""
-    sums = jnp.sum(jnp.stack([t.astype(jnp.float32) for t in terms]), axis=-1)
-    return tuple(x.astype(t.dtype) for x, t in zip(sums, terms))
 
 
 # What a lane emits per position (``Outputs`` before ``anchor_top``): its dtype and its value where nothing is.
@@ -148,7 +157,7 @@ def _packed_reads(lists: Lists, lane, buffer_size: int, chunk: int):
         for name, fields, _ in requests:
             row = next(rows[name])
             columns = (row[:, LIST_FIELDS[name].index(field)] for field in fields)
-            values.append(tuple(lax.bitcast_convert_type(x, jnp.float32) if field == "z" else x
+            values.append(tuple(_from_bits(x, getattr(lists, f"{name}_{field}").dtype)
                                 for field, x in zip(fields, columns)))
         return tuple(values)
 
@@ -173,6 +182,5 @@ def xla_lanes(lists: Lists, info: LaneInfo, chunk_cut: Cut, start_cut: Cut, *, k
     per_position, anchor_top = run_lanes(lists, info, chunk_cut, start_cut, store, buffers, k=k,
                                          buffer_size=buffer_size, chunk=chunk, block=block,
                                          anchor_offset=anchor_offset, load=_packed_reads)
-    columns = (lax.bitcast_convert_type(per_position[:, n], jnp.float32) if dtype == jnp.float32
-               else per_position[:, n] for n, (dtype, _) in enumerate(_PER_POSITION))
+    columns = (_from_bits(per_position[:, n], dtype) for n, (dtype, _) in enumerate(_PER_POSITION))
     return unflatten_outputs(Outputs(*columns, anchor_top), lanes, chunk, rows)

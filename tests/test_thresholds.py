@@ -226,6 +226,19 @@ def test_pallas_kernels_match_xla_exactly(rng, seq, heads, topk, window, ties, s
     np.testing.assert_array_equal(np.asarray(xla.theta), exp_theta.astype(np.float32))
 
 
+def test_stacked_exact_sums_match_one_sum_per_term():
+    # The XLA path stacks the sums a kernel takes one by one; int32 terms stay int32 (positions and document ids
+    # beyond 2**24 would round as float32).
+    from sparsek_kernels.simulation import sum_each
+    from sparsek_kernels.thresholds_xla import sum_stacked
+    big = jnp.asarray([[2**24 + 1, 3, -2], [7, 2**30, 0]], jnp.int32)
+    halves = jnp.asarray([[0.5, 0.25, 0.0], [1.0, 0.125, 0.75]], jnp.float32)
+    terms = (big, halves, big // 2, (big > 5).astype(jnp.int32))
+    for got, want in zip(sum_stacked(terms), sum_each(terms)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("chunks, R", [(7, 12), (8, 16), (1, 5), (13, 3)])
 def test_summary_scan_kernels_match_xla(rng, chunks, R):
     # The start buffers: the tree-scan kernels (interpret mode) against the XLA doubling scan, exactly. Chunks
