@@ -114,7 +114,7 @@ def sum_stacked(terms: tuple) -> tuple:
     include positions, beyond float32's 2**24), the float32 terms likewise (their sums are exact in any
     grouping)."""
     sums = {}
-    for dtype in {t.dtype for t in terms}:
+    for dtype in dict.fromkeys(t.dtype for t in terms):  # in order of appearance: the same program every run
         group = [n for n, t in enumerate(terms) if t.dtype == dtype]
         sums.update(zip(group, jnp.sum(jnp.stack([terms[n] for n in group]), axis=-1)))
     return tuple(sums[n] for n in range(len(terms)))
