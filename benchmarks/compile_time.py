@@ -7,7 +7,7 @@ One sequence (batch 8 on GPUs: 64k tokens per call at 8k), 2 KV heads on CPU / 1
 topk = window = 256 (1024 on GPUs). Compile time is ``jax.jit(f).lower(...).compile()`` of a fresh function;
 the HLO instruction count of forward+backward is printed too (it should barely depend on the length: the
 program depends on it through shapes, not through unrolled loops or per-length constants). Run time is the
-median of 3 calls after one warm-up. Writes benchmarks/results/compile_time_<backend>.json and prints a
+median of 3 calls after one warm-up. Writes benchmarks/results/compile_time_<backend>.json (or ``--name``) and prints a
 Markdown table.
 """
 
@@ -62,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--implementation", default="auto")
     parser.add_argument("--topk", type=int, default=1024 if on_gpu else 256)
     parser.add_argument("--window", type=int, default=1024 if on_gpu else 256)
+    parser.add_argument("--name", default=f"compile_time_{jax.default_backend()}",
+                        help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
     heads, dtype = (12, jnp.bfloat16) if on_gpu else (2, jnp.float32)
     forward, forward_backward = attention(args.topk, args.window, args.implementation)
@@ -76,8 +78,8 @@ def main(argv=None):
             row[f"{name}_compile_s"], row[f"{name}_ms"], row[f"{name}_hlo"] = measure(fn, (q, k, v, u))
         print(row, flush=True)
         rows.append(row)
-        reporting.write_json(f"compile_time_{jax.default_backend()}", vars(args), rows)
-    reporting.publish(f"compile_time_{jax.default_backend()}", vars(args), rows, columns=[
+        reporting.write_json(args.name, vars(args), rows)
+    reporting.publish(args.name, vars(args), rows, columns=[
         ("seq", "seq", "d"), ("batch", "batch", "d"), ("fwd_compile_s", "fwd compile s", ".1f"),
         ("fwd_ms", "fwd ms", ".1f"), ("fwdbwd_compile_s", "f+b compile s", ".1f"), ("fwdbwd_ms", "f+b ms", ".1f"),
         ("fwdbwd_hlo", "f+b HLO instructions", "d")])

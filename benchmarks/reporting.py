@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "command": command_line(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # code generator and optimisation level, when set
     }
 
 
